@@ -1,0 +1,73 @@
+"""AUSteerConfig: which activations may be steered, and how strongly the fit should steer them."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from .registry import add_peft_type_member
+from .sites import SITES
+
+AUSTEER = add_peft_type_member()
+
+
+@dataclass
+class AUSteerConfig(PeftConfig):
+    """Configuration of an AUSteer adapter (Fine-Grained Activation Steering, ICLR 2026).
+
+    An adapter multiplies a few atomic units (AUs, single activation dimensions) by a fixed factor ``1 + γ`` at every
+    token position. The AUs themselves are data, not configuration: they are chosen by :func:`austeer_peft.fit_austeer`
+    or set with ``peft_model.set_aus(...)`` and stored in ``adapter_model.safetensors``.
+
+    Args:
+        sites: where AUs live, one or more of ``"attention"`` (input of each layer's attention output projection),
+            ``"ffn"`` (output of each layer's MLP block), ``"ffn_inner"`` (input of the MLP's down projection) and
+            ``"residual"`` (output of each decoder layer). Defaults to ``"attention"`` unless ``target_modules`` is
+            given.
+        target_modules: instead of sites, module names (suffixes or a regex, as in other PEFT methods) whose
+            ``position`` carries the AUs.
+        position: ``"input"`` or ``"output"``; only used with ``target_modules``.
+        k: number of AUs a fit keeps (top-k by activation momentum over all layers and sites).
+        alpha: steering strength; a fitted AU gets ``γ = α·r_pos`` or ``γ = -α·r_neg``.
+        steered_modules: filled by the package: each module that carries AUs, mapped to its number of candidate
+            AUs (its width). The adapter file indexes into this list; loading checks it against the base model.
+        base_model_type: filled by the package: ``config.model_type`` of the model the AUs were chosen on.
+    """
+
+    sites: Optional[Union[str, list[str]]] = field(default=None, metadata={"help": "attention | ffn | ffn_inner | residual"})
+    target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules carrying AUs."})
+    position: Literal["input", "output"] = field(default="output", metadata={"help": "Side of target_modules."})
+    k: int = field(default=100, metadata={"help": "Number of AUs a fit keeps."})
+    alpha: float = field(default=15.0, metadata={"help": "Steering strength α."})
+    steered_modules: dict[str, int] = field(default_factory=dict, metadata={"help": "Filled on set_aus."})
+    base_model_type: Optional[str] = field(default=None, metadata={"help": "Filled on set_aus."})
+    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Unused; PEFT API parity."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = AUSTEER
+        if self.target_modules is not None and self.sites is not None:
+            raise ValueError("Pass either `sites` or `target_modules` (with `position`) to AUSteerConfig, not both.")
+        if isinstance(self.target_modules, set):
+            self.target_modules = sorted(self.target_modules)
+        if self.target_modules is None:
+            sites = ["attention"] if self.sites is None else self.sites
+            sites = [sites] if isinstance(sites, str) else list(sites)
+            unknown = [s for s in sites if s not in SITES]
+            if unknown or not sites:
+                raise ValueError(
+                    f"Unknown AUSteer site(s) {unknown or sites!r}. Known sites: {sorted(SITES)}; or pass "
+                    "`target_modules=[...]` with `position='input'|'output'` for other modules."
+                )
+            self.sites = list(dict.fromkeys(sites))
+        if self.position not in ("input", "output"):
+            raise ValueError(f"`position` must be 'input' or 'output', got {self.position!r}.")
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k <= 0:
+            raise ValueError(f"`k` must be a positive integer (the number of AUs to steer), got {self.k!r}.")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) \
+                or self.alpha <= 0:
+            raise ValueError(f"`alpha` must be a finite number > 0 (typical range 1..100), got {self.alpha!r}.")
+        self.alpha = float(self.alpha)
