@@ -8,9 +8,8 @@ import torch
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
-from transformers.pytorch_utils import Conv1D
-
-from .sites import SiteModule, merge_target
+from .bnb import quantization_kind, refuse_8bit, scaled_4bit_weight
+from .sites import SiteModule, WeightSlice, merge_slices
 
 
 class AUSteerLayer(nn.Module, BaseTunerLayer):
@@ -111,79 +110,96 @@ class AUSteerLayer(nn.Module, BaseTunerLayer):
         while self.merged_adapters:
             self._unfold(self.merged_adapters.pop())
 
-    def _merge_target(self) -> tuple[nn.Module, str, int]:
-        target, side = merge_target(self.base_layer, self.candidate)
-        return target, side, _weight_axis(target, side)
+    def _merge_slices(self) -> list[WeightSlice]:
+        """The weights this layer folds into, after checking each can take the fold."""
+        slices = merge_slices(self.base_layer, self.candidate)
+        for weight_slice in slices:
+            weight = getattr(weight_slice.owner, weight_slice.name)
+            kind = quantization_kind(weight)
+            if kind == "8bit":
+                refuse_8bit(self.candidate.name)
+            if not kind and not weight.dtype.is_floating_point:
+                raise ValueError(
+                    f"Cannot merge into {self.candidate.name}: its weight is stored as {weight.dtype} "
+                    f"({type(weight_slice.owner).__name__}), not as floating point. Keep the adapter unmerged."
+                )
+        return slices
 
     def check_mergeable(self) -> None:
-        """Raise, with the reason, if this layer's scale cannot be folded into a weight."""
-        target, _, _ = self._merge_target()
-        if not target.weight.dtype.is_floating_point:
-            raise ValueError(
-                f"Cannot merge into {self.candidate.name}: its weight is stored as {target.weight.dtype} "
-                f"({type(target).__name__}), not as floating point. Keep the adapter unmerged."
-            )
+        """Raise, with the reason, if this layer's scale cannot be folded into weights."""
+        self._merge_slices()
 
     def _fold(self, adapter: str, safe_merge: bool = False) -> None:
-        self.check_mergeable()
-        target, side, axis = self._merge_target()
-        weight, bias = target.weight, (target.bias if side == "output" else None)
-        index = self.austeer_index[adapter].to(weight.device)
-        factor = 1.0 + self.austeer_gamma[adapter].to(weight.device)
-        shape = [1, 1]
-        shape[axis] = -1
-        old_weight = weight.data.index_select(axis, index)
-        new_weight = (old_weight.float() * factor.view(shape)).to(weight.dtype)
-        old_bias = bias.data.index_select(0, index) if bias is not None else None
-        new_bias = (old_bias.float() * factor).to(bias.dtype) if bias is not None else None
-        if safe_merge and not (torch.isfinite(new_weight).all() and (bias is None or torch.isfinite(new_bias).all())):
-            raise ValueError(f"Merging adapter {adapter!r} into {self.candidate.name} gives non-finite weights.")
-        weight.data.index_copy_(axis, index, new_weight)
-        if bias is not None:
-            bias.data.index_copy_(0, index, new_bias)
-        self._merge_backups[adapter] = (old_weight, old_bias)
-        _merge_stack(weight).append((self, adapter))
+        backups = []
+        for weight_slice in self._merge_slices():
+            owner, axis = weight_slice.owner, weight_slice.axis
+            weight = getattr(owner, weight_slice.name)
+            index = self.austeer_index[adapter].to(weight.device)
+            factor = 1.0 + self.austeer_gamma[adapter].to(weight.device)
+            if quantization_kind(weight) == "4bit":
+                setattr(owner, weight_slice.name, scaled_4bit_weight(weight, axis, index, factor))
+                old_weight = weight  # the whole packed parameter: restoring it is exact
+            else:
+                old_weight = weight.data.index_select(axis, index)
+                new_weight = _scaled(old_weight, axis, factor)
+                if safe_merge and not torch.isfinite(new_weight).all():
+                    raise ValueError(f"Merging adapter {adapter!r} into {self.candidate.name} gives non-finite weights.")
+                weight.data.index_copy_(axis, index, new_weight)
+            old_bias = None
+            if weight_slice.bias_name is not None:
+                bias = getattr(owner, weight_slice.bias_name)
+                old_bias = bias.data.index_select(bias.ndim - 1, index)
+                bias.data.index_copy_(bias.ndim - 1, index, _scaled(old_bias, bias.ndim - 1, factor))
+            backups.append((weight_slice, old_weight, old_bias))
+            _merge_stack(weight_slice).append((self, adapter))
+        self._merge_backups[adapter] = backups
 
     def _unfold(self, adapter: str) -> None:
         # Two layers can fold into the same weight (`ffn` rows and `ffn_inner` columns of one down projection).
-        # Snapshots restore exactly only in reverse merge order, so later folds into this weight are undone first
+        # Snapshots restore exactly only in reverse merge order, so later folds into these weights are undone first
         # and folded again afterwards.
-        target, side, axis = self._merge_target()
-        stack = _merge_stack(target.weight)
         later = []
-        while stack[-1] != (self, adapter):
-            later.append(stack[-1])
-            stack[-1][0]._restore(stack[-1][1])
+        for weight_slice, _, _ in self._merge_backups[adapter]:
+            stack = _merge_stack(weight_slice)
+            while stack[-1] != (self, adapter):
+                layer, other = stack[-1]
+                layer._restore(other)
+                later.append((layer, other))
         self._restore(adapter)
         for layer, other in reversed(later):
             layer._fold(other)
 
     def _restore(self, adapter: str) -> None:
-        target, side, axis = self._merge_target()
-        old_weight, old_bias = self._merge_backups.pop(adapter)
-        index = self.austeer_index[adapter].to(target.weight.device)
-        target.weight.data.index_copy_(axis, index, old_weight)
-        if old_bias is not None:
-            target.bias.data.index_copy_(0, index, old_bias)
-        _merge_stack(target.weight).pop()
+        for weight_slice, old_weight, old_bias in reversed(self._merge_backups.pop(adapter)):
+            owner, axis = weight_slice.owner, weight_slice.axis
+            weight = getattr(owner, weight_slice.name)
+            index = self.austeer_index[adapter].to(weight.device)
+            if quantization_kind(old_weight) == "4bit":
+                setattr(owner, weight_slice.name, old_weight)
+            else:
+                weight.data.index_copy_(axis, index, old_weight)
+            if old_bias is not None:
+                bias = getattr(owner, weight_slice.bias_name)
+                bias.data.index_copy_(bias.ndim - 1, index, old_bias)
+            _merge_stack(weight_slice).remove((self, adapter))
 
     def __repr__(self) -> str:
         n = {a: len(i) for a, i in self.austeer_index.items()}
         return f"austeer.AUSteerLayer({self.position}, aus={n})(\n  {self.base_layer!r}\n)"
 
 
-def _weight_axis(module: nn.Module, side: str) -> int:
-    """Weight axis of input features / output features: Linear stores [out, in], Conv1D stores [in, out]."""
-    if isinstance(module, Conv1D):
-        return 0 if side == "input" else 1
-    return 1 if side == "input" else 0
+def _scaled(values: torch.Tensor, axis: int, factor: torch.Tensor) -> torch.Tensor:
+    """`values` (slices along `axis`) times one float32 factor per slice, back in the values' dtype."""
+    shape = [1] * values.ndim
+    shape[axis] = -1
+    return (values.float() * factor.view(shape)).to(values.dtype)
 
 
-def _merge_stack(weight: torch.Tensor) -> list[tuple[AUSteerLayer, str]]:
-    """The (layer, adapter) folds applied to a weight, oldest first; kept on the weight itself."""
-    if not hasattr(weight, "_austeer_merges"):
-        weight._austeer_merges = []
-    return weight._austeer_merges
+def _merge_stack(weight_slice: WeightSlice) -> list[tuple[AUSteerLayer, str]]:
+    """The (layer, adapter) folds applied to one weight, oldest first; kept on the module that owns the weight
+    (a quantized weight is replaced on merge, so the weight object itself cannot hold it)."""
+    stacks = weight_slice.owner.__dict__.setdefault("_austeer_merges", {})
+    return stacks.setdefault(weight_slice.name, [])
 
 
 def _module_device(module: nn.Module) -> torch.device:

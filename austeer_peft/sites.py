@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -179,8 +180,54 @@ def _target_module_candidates(model, config, modules) -> list[SiteModule]:
     return candidates
 
 
-def merge_target(module: nn.Module, candidate: SiteModule) -> tuple[nn.Module, str]:
-    """The linear module whose weight absorbs the AUs of `module`, and its side ("input" columns, "output" rows)."""
+@dataclass(frozen=True)
+class WeightSlice:
+    """A weight that absorbs a scale: ``getattr(owner, name)`` scaled along ``axis`` (and the bias, for outputs)."""
+
+    owner: nn.Module
+    name: str
+    axis: int
+    bias_name: Optional[str] = None
+
+
+def _linear_slice(module: nn.Module, side: str) -> WeightSlice:
+    # Linear (and bitsandbytes Linear) store [out, in]; GPT-2's Conv1D stores [in, out].
+    in_axis, out_axis = (0, 1) if isinstance(module, Conv1D) else (1, 0)
+    if side == "input":
+        return WeightSlice(module, "weight", in_axis)
+    return WeightSlice(module, "weight", out_axis, "bias" if getattr(module, "bias", None) is not None else None)
+
+
+def _block_output_slices(block: nn.Module, width: int) -> list[WeightSlice]:
+    """Weights whose output rows produce a block's output: an MLP's last projection, or every expert's (and the
+    shared expert's) down projection of a sparse MoE block."""
+    for child_name in MLP_OUTPUT_PROJECTIONS:
+        child = getattr(block, child_name, None)
+        if child is not None and is_linear_like(unwrap(child)):
+            return [_linear_slice(unwrap(child), "output")]
+    experts = getattr(block, "experts", None)
+    if experts is None:
+        return []
+    slices = []
+    if isinstance(experts, nn.ModuleList):  # one MLP module per expert
+        for expert in experts:
+            slices += _block_output_slices(expert, width) or [None]
+    else:  # fused experts (transformers 5): a 3D down projection [experts, hidden, intermediate]
+        down = getattr(experts, "down_proj", None)
+        if not isinstance(down, torch.Tensor) or down.ndim != 3 or width not in down.shape[1:]:
+            return []
+        axis = 1 if down.shape[1] == width else 2
+        bias = getattr(experts, "down_proj_bias", None)
+        slices.append(WeightSlice(experts, "down_proj", axis, "down_proj_bias" if bias is not None else None))
+    for shared_name in ("shared_expert", "shared_experts"):
+        shared = getattr(block, shared_name, None)
+        if shared is not None:
+            slices += _block_output_slices(shared, width) or [None]
+    return [] if None in slices else slices
+
+
+def merge_slices(module: nn.Module, candidate: SiteModule) -> list[WeightSlice]:
+    """The weights that absorb the AUs of `module` exactly; raises with the reason when there are none."""
     if candidate.site == "residual":
         raise ValueError(
             "AUs on the `residual` site cannot be merged into weights: a decoder layer's output is the residual "
@@ -189,14 +236,12 @@ def merge_target(module: nn.Module, candidate: SiteModule) -> tuple[nn.Module, s
         )
     base = unwrap(module)
     if is_linear_like(base):
-        return base, candidate.position
-    if candidate.position == "output":
-        for child_name in MLP_OUTPUT_PROJECTIONS:
-            child = getattr(base, child_name, None)
-            if child is not None and is_linear_like(unwrap(child)):
-                return unwrap(child), "output"
-    raise ValueError(
-        f"Cannot merge AUs on the {candidate.position} of {candidate.name} ({type(base).__name__}): it is not a "
-        f"linear layer, and it has no output projection named one of {MLP_OUTPUT_PROJECTIONS} whose rows produce its "
-        "output. Keep the adapter unmerged."
-    )
+        return [_linear_slice(base, candidate.position)]
+    slices = _block_output_slices(base, candidate.width) if candidate.position == "output" else []
+    if not slices:
+        raise ValueError(
+            f"Cannot merge AUs on the {candidate.position} of {candidate.name} ({type(base).__name__}): it is not a "
+            f"linear layer, and no projection named one of {MLP_OUTPUT_PROJECTIONS} (or MoE expert down projection) "
+            "produces its output. Keep the adapter unmerged."
+        )
+    return slices
