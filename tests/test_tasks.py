@@ -1,0 +1,295 @@
+"""Task loaders on the real data files (../shared/data): counts, labels, exact templates, deterministic disjoint
+splits, contrastive pairs, and user data."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from datasets import Dataset
+
+from austeer_peft.evaluate import tasks as T
+from austeer_peft.evaluate import load_task, load_user_task, parse_last_number
+
+
+def _data_dir():
+    try:
+        return T.resolve_data_dir()
+    except FileNotFoundError as error:
+        pytest.skip(f"evaluation data not available: {error}")
+
+
+@pytest.fixture(scope="module")
+def data_dir():
+    return _data_dir()
+
+
+@pytest.fixture(scope="module")
+def loaded(data_dir):
+    """Every built-in task, loaded once with the defaults (seed 0)."""
+    return {name: load_task(name, data_dir=data_dir) for name in T.TASK_NAMES}
+
+
+def _ids(dataset):
+    return list(dataset["id"])
+
+
+def _assert_disjoint(task):
+    fit, validation, test = set(_ids(task.fit)), set(_ids(task.validation)), set(_ids(task.test))
+    assert len(fit) == len(task.fit) and len(validation) == len(task.validation) and len(test) == len(task.test)
+    assert not fit & validation and not fit & test and not validation & test
+
+
+# ------------------------------------------------------------------------------------------------- sizes
+
+
+@pytest.mark.parametrize(
+    "name, kind, sizes",
+    [
+        ("copa", "choice", {"fit": 400, "validation": 100, "test": 500}),
+        ("boolq", "choice", {"fit": 900, "validation": 100, "test": 2270}),
+        ("sst2", "choice", {"fit": 500, "validation": 100, "test": 872}),
+        ("svamp", "generation", {"fit": 600, "validation": 100, "test": 300}),
+        ("mawps", "generation", {"fit": 1000, "validation": 100, "test": 384}),
+    ],
+)
+def test_default_split_sizes_and_disjoint(loaded, name, kind, sizes):
+    task = loaded[name]
+    assert task.name == name and task.kind == kind
+    assert task.sizes == sizes
+    _assert_disjoint(task)
+    assert task.split_note
+    for split in ("fit", "validation", "test"):
+        columns = set(task.split(split).column_names)
+        assert "prompt" in columns
+        assert ({"choices", "label"} <= columns) if kind == "choice" else ({"answer"} <= columns)
+
+
+def test_raw_file_counts(data_dir):
+    assert len(T._read_copa(data_dir / "COPA" / "copa-dev.xml")) == 500
+    assert len(T._read_copa(data_dir / "COPA" / "copa-test.xml")) == 500
+    assert len(T._read_sst2(data_dir / "SST-2" / "dev.tsv")) == 872
+    assert len(T._read_sst2(data_dir / "SST-2" / "train.tsv")) == 67349
+    assert len(T._read_mawps(data_dir / "MAWPS" / "fold0_train.csv")) == 1537
+    assert len(T._read_mawps(data_dir / "MAWPS" / "fold0_dev.csv")) == 384
+
+
+def test_labels_in_range(loaded):
+    for name in ("copa", "boolq", "sst2"):
+        task = loaded[name]
+        for split in ("fit", "validation", "test"):
+            data = task.split(split)
+            assert all(c == task.choices for c in data["choices"])
+            assert set(data["label"]) <= {0, 1}
+    # BoolQ: 2033 true (" yes" = 0) / 1237 false over the whole file
+    boolq = loaded["boolq"]
+    labels = list(boolq.fit["label"]) + list(boolq.validation["label"]) + list(boolq.test["label"])
+    assert len(labels) == 3270 and labels.count(0) == 2033 and labels.count(1) == 1237
+
+
+# ------------------------------------------------------------------------------------------------- templates
+
+
+def test_copa_template_exact(loaded):
+    test = loaded["copa"].test
+    assert _ids(test)[:3] == ["501", "502", "503"]
+    assert test[0]["prompt"] == (
+        "Question:\nThe item was packaged in bubble wrap. Based on the previous passage, choose the most reasonable "
+        "cause.\nA:It was fragile.\nB:It was small.\n\nAnswer:\n"
+    )
+    assert test[0]["label"] == 0 and test[0]["choices"] == ["A", "B"]
+    assert test[2]["prompt"] == (
+        "Question:\nTermites invaded the house. Based on the previous passage, choose the most reasonable effect.\n"
+        "A:The termites disappeared from the house.\nB:The termites ate through the wood in the house.\n\nAnswer:\n"
+    )
+    assert test[2]["label"] == 1
+    for split in ("fit", "validation", "test"):
+        prompts = loaded["copa"].split(split)["prompt"]
+        assert all(p.startswith("Question:\n") and p.endswith("\n\nAnswer:\n") for p in prompts)
+
+
+def test_boolq_template_exact(loaded, data_dir):
+    with open(data_dir / "BoolQ" / "val.jsonl") as handle:
+        first = json.loads(handle.readline())
+    task = loaded["boolq"]
+    rows = {r["id"]: r for split in ("fit", "validation", "test") for r in task.split(split)}
+    row = rows[str(first["idx"])]
+    assert row["prompt"] == (
+        "Is the answer to the question encapsulated in the passage? Please confirm with 'yes' or 'no'.\n\n"
+        f"Passage: {first['passage']}\n\nQuestion: does ethanol take more energy make that produces\n\nAnswer:"
+    )
+    assert row["label"] == 1  # "false" -> " no"
+    assert row["choices"] == [" yes", " no"]
+
+
+def test_boolq_split_note(loaded):
+    note = loaded["boolq"].split_note
+    assert "no train split" in note and "2270" in note and "1000" in note
+
+
+def test_sst2_template_and_labels(loaded):
+    first = loaded["sst2"].test[0]
+    assert first["prompt"] == "Review: it 's a charming and often affecting journey .\nSentiment:"
+    assert first["label"] == 1 and first["choices"] == [" negative", " positive"]
+    assert all(i.startswith("train-") for i in _ids(loaded["sst2"].fit) + _ids(loaded["sst2"].validation))
+    assert all(i.startswith("dev-") for i in _ids(loaded["sst2"].test))
+
+
+def test_svamp_prompt_and_answers(loaded):
+    task = loaded["svamp"]
+    rows = {r["id"]: r for split in ("fit", "validation", "test") for r in task.split(split)}
+    assert len(rows) == 1000
+    row = rows["chal-1"]
+    assert row["answer"] == 51.0 and row["answer_text"] == "51"
+    assert row["problem"] == ("Each pack of dvds costs 76 dollars. If there is a discount of 25 dollars on each pack "
+                              "How much do you have to pay to buy each pack?")
+    assert row["prompt"] == T.MATH_TEMPLATE.format(problem=row["problem"])
+    assert row["prompt"].endswith("\n\nAnswer:")
+
+
+def test_mawps_numbers_unmasked(loaded):
+    task = loaded["mawps"]
+    for split in ("fit", "validation", "test"):
+        assert not any(re.search(r"number\d", p) for p in task.split(split)["prompt"])
+    first = task.test[0]
+    assert first["problem"] == ("Bryan took a look at his books as well . If Bryan has 56 books in each of his 9 "
+                                "bookshelves , how many books does he have in total ?")
+    assert first["answer"] == 504.0
+
+
+def test_unmask_and_format_number():
+    assert T.unmask_numbers("a number0 b number1 c number10", " ".join(f"{i}.0" for i in range(11))) == "a 0 b 1 c 10"
+    assert T.unmask_numbers("weighs number0 g", "28.3") == "weighs 28.3 g"
+    with pytest.raises(ValueError):
+        T.unmask_numbers("number2", "1.0 2.0")
+    assert T.format_number(51.0) == "51"
+    assert T.format_number(141.5) == "141.5"
+    assert T.format_number(-3.0) == "-3"
+    assert T.format_number(2 / 3) == "0.666667"
+
+
+# ------------------------------------------------------------------------------------------------- determinism
+
+
+def test_splits_deterministic_and_seeded(data_dir, loaded):
+    again = load_task("copa", data_dir=data_dir)
+    assert _ids(again.fit) == _ids(loaded["copa"].fit) and _ids(again.validation) == _ids(loaded["copa"].validation)
+    other = load_task("copa", data_dir=data_dir, seed=1)
+    assert _ids(other.fit) != _ids(loaded["copa"].fit)
+    assert _ids(other.test) == _ids(loaded["copa"].test)  # the test file does not depend on the seed
+    # fit + validation cover copa-dev exactly
+    assert sorted(_ids(again.fit) + _ids(again.validation), key=int) == [str(i) for i in range(1, 501)]
+
+
+def test_n_fit_does_not_move_validation_or_test(data_dir, loaded):
+    small = load_task("boolq", data_dir=data_dir, n_fit=50)
+    assert len(small.fit) == 50
+    assert _ids(small.fit) == _ids(loaded["boolq"].fit)[:50]
+    assert _ids(small.validation) == _ids(loaded["boolq"].validation)
+    assert _ids(small.test) == _ids(loaded["boolq"].test)
+    with pytest.raises(ValueError, match="exceeds"):
+        load_task("boolq", data_dir=data_dir, n_fit=1000)
+    with pytest.raises(ValueError, match="exceeds"):
+        load_task("svamp", data_dir=data_dir, n_fit=650)
+
+
+def test_load_task_names(data_dir):
+    assert load_task("SST-2", data_dir=data_dir, n_fit=10, n_validation=5).sizes == {"fit": 10, "validation": 5,
+                                                                                    "test": 872}
+    with pytest.raises(ValueError, match="Unknown task"):
+        load_task("winogrande", data_dir=data_dir)
+
+
+def test_data_dir_resolution(tmp_path, monkeypatch, data_dir):
+    monkeypatch.setenv("AUSTEER_DATA", str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="AUSTEER_DATA"):
+        T.resolve_data_dir()
+    assert T.resolve_data_dir(data_dir) == data_dir  # the argument wins over the environment
+    monkeypatch.setenv("AUSTEER_DATA", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="copa-dev.xml"):
+        load_task("copa")
+
+
+# ------------------------------------------------------------------------------------------------- pairs
+
+
+def test_choice_pairs(loaded):
+    task = loaded["copa"]
+    pairs = task.pairs("fit")
+    assert len(pairs) == 400
+    for pair, row in zip(pairs, task.fit):
+        prompt, chosen, rejected = pair
+        assert prompt == row["prompt"]
+        assert chosen == row["choices"][row["label"]] and rejected == row["choices"][1 - row["label"]]
+        assert pair.positive == prompt + chosen and pair.negative == prompt + rejected
+    boolq = loaded["boolq"].pairs("validation")
+    assert all(c in (" yes", " no") and r in (" yes", " no") and c != r for _, c, r in boolq)
+
+
+def test_generation_pairs(loaded):
+    for name in ("svamp", "mawps"):
+        task = loaded[name]
+        for (prompt, chosen, rejected), row in zip(task.pairs("fit"), task.fit):
+            assert prompt == row["prompt"]
+            assert chosen == " " + row["answer_text"]
+            assert abs(parse_last_number(chosen) - row["answer"]) < 1e-4
+            assert abs(parse_last_number(rejected) - row["answer"]) > 1e-4
+
+
+def test_wrong_answers_pick_most_similar_problem():
+    problems = ["Tom has 3 apples and eats 1 apple.", "Tom has 5 apples and eats 2 apples.", "A car drives 60 miles."]
+    assert T.wrong_answers(problems, [2.0, 3.0, 60.0]) == [3.0, 2.0, 2.0]
+    assert T.wrong_answers(["x", "y"], [1.0, 1.0]) == [2.0, 2.0]  # no different answer: answer + 1
+    assert T.wrong_answers([], []) == []
+
+
+# ------------------------------------------------------------------------------------------------- user data
+
+
+def test_user_choice_task_from_jsonl(tmp_path):
+    path = tmp_path / "data.jsonl"
+    colours = ["red", "green", "blue"]
+    with open(path, "w") as handle:
+        for i in range(40):
+            handle.write(json.dumps({"id": f"q{i}", "q": f"Colour {i}?", "answer": colours[i % 3]}) + "\n")
+    task = load_user_task(path, "Q: {q}\nA:", choices=colours, label_column="answer", n_validation=4, n_fit=10,
+                          name="colours")
+    assert task.kind == "choice" and task.sizes == {"fit": 10, "validation": 4, "test": 20}
+    _assert_disjoint(task)
+    row = task.test[0]
+    assert row["prompt"] == f"Q: Colour {row['id'][1:]}?\nA:"
+    assert row["choices"][row["label"]] == colours[int(row["id"][1:]) % 3]
+    pairs = task.pairs("fit")
+    assert pairs == task.pairs("fit")  # the wrong choice is drawn deterministically
+    for (_, chosen, rejected), row in zip(pairs, task.fit):
+        assert chosen == colours[int(row["id"][1:]) % 3] and rejected in colours and rejected != chosen
+
+
+def test_user_generation_task_from_csv_and_mapping(tmp_path):
+    path = tmp_path / "math.csv"
+    path.write_text("question,result\n" + "".join(f"What is {i} plus {i}?,{2 * i}\n" for i in range(10)))
+    task = load_user_task(path, "{question} Answer:", answer_column="result", n_test=4, n_validation=2)
+    assert task.kind == "generation" and task.sizes == {"fit": 4, "validation": 2, "test": 4}
+    for prompt, chosen, rejected in task.pairs("fit"):
+        assert chosen == " " + T.format_number(2 * int(re.search(r"\d+", prompt).group()))
+        assert rejected != chosen
+
+    data = Dataset.from_list([{"text": f"t{i}", "y": i % 2} for i in range(6)])
+    given = load_user_task({"train": data, "validation": data.select([0]), "test": data.select([1, 2])},
+                           "{text}:", choices=[" a", " b"], label_column="y")
+    assert given.sizes == {"fit": 6, "validation": 1, "test": 2}
+    assert given.choices == [" a", " b"]
+
+
+def test_user_task_errors():
+    data = [{"text": "x", "y": "maybe"}]
+    with pytest.raises(ValueError, match="label_map"):
+        load_user_task(data, "{text}", choices=["yes", "no"], label_column="y", n_test=0)
+    with pytest.raises(KeyError, match="missing"):
+        load_user_task(data, "{missing}", choices=["yes", "no"], label_column="y")
+    with pytest.raises(ValueError, match="choices"):
+        load_user_task(data, "{text}")
+    mapped = load_user_task(data, "{text}", choices=["yes", "no"], label_column="y", label_map={"maybe": 1},
+                            n_test=1)
+    assert mapped.test[0]["label"] == 1
