@@ -1,0 +1,465 @@
+"""The fit (activation momentum): counts against a brute-force reference, batching/padding/order invariance,
+determinism, constant memory, early stop, bad inputs, and one real-model fit (marked `real`)."""
+
+from __future__ import annotations
+
+import csv
+import filecmp
+import math
+import random
+import warnings
+
+import pytest
+import torch
+from conftest import DATA_DIR, tiny_model
+from peft import PeftModel, get_peft_model
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from austeer_peft import AU, AUSteerConfig, AUSteerLayer, FitResult, MomentumScores, compute_momentum, fit_austeer
+from austeer_peft.fit import make_batches, tokenize_pairs
+from austeer_peft.momentum import MomentumCounter
+from austeer_peft.sites import SiteModule, base_named_modules, candidate_modules
+
+ALL_SITES = ["attention", "ffn", "ffn_inner", "residual"]
+TWO_FAMILIES = ["llama", "gpt2"]
+
+
+def char_tokenizer(padding_side: str = "right") -> PreTrainedTokenizerFast:
+    """A character-level tokenizer that fits the tiny models' vocabulary of 101 (no special tokens added)."""
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for char in [chr(c) for c in range(32, 127)] + ["\n"]:
+        vocab.setdefault(char, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>", unk_token="<unk>", padding_side=padding_side)
+    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    return tokenizer
+
+
+def random_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Pairs of different lengths (so batches need padding) sharing a prompt and differing in the answer."""
+    rng = random.Random(seed)
+    words = ["cat", "dog", "sun", "red", "blue", "tree", "road", "sea", "hot", "cold", "yes", "no"]
+    pairs = []
+    for _ in range(n):
+        prompt = " ".join(rng.choice(words) for _ in range(rng.randint(1, 7))) + "? "
+        pairs.append((prompt + rng.choice(words), prompt + " ".join(rng.choice(words) for _ in range(rng.randint(1, 3)))))
+    return pairs
+
+
+def brute_force_counts(model, tokenizer, pairs, sites) -> tuple[dict, dict]:
+    """Reference counts: one unpadded sequence at a time, full activations through plain hooks, a Python loop."""
+    candidates = candidate_modules(model, AUSteerConfig(sites=sites))
+    modules = base_named_modules(model)
+    seen = {}
+
+    def keep(name, tensor):
+        seen[name] = tensor[0, -1].clone()  # batch of one, last token
+
+    handles = []
+    for c in candidates:
+        if c.position == "input":
+            handles.append(modules[c.name].register_forward_pre_hook(lambda m, a, name=c.name: keep(name, a[0])))
+        else:
+            handles.append(modules[c.name].register_forward_hook(
+                lambda m, a, out, name=c.name: keep(name, out if torch.is_tensor(out) else out[0])))
+    n_pos = {c.name: [0] * c.width for c in candidates}
+    n_neg = {c.name: [0] * c.width for c in candidates}
+    try:
+        for positive, negative in pairs:
+            activations = []
+            for text in (positive, negative):
+                seen.clear()
+                with torch.no_grad():
+                    model(torch.tensor([tokenizer(text)["input_ids"]]))
+                activations.append(dict(seen))
+            for c in candidates:
+                for dim in range(c.width):
+                    x_pos, x_neg = activations[0][c.name][dim].item(), activations[1][c.name][dim].item()
+                    n_pos[c.name][dim] += x_pos > x_neg
+                    n_neg[c.name][dim] += x_pos < x_neg
+    finally:
+        for handle in handles:
+            handle.remove()
+    return ({k: torch.tensor(v) for k, v in n_pos.items()}, {k: torch.tensor(v) for k, v in n_neg.items()})
+
+
+def assert_same_counts(scores: MomentumScores, other: MomentumScores) -> None:
+    assert [m.name for m in scores.modules] == [m.name for m in other.modules]
+    assert scores.num_pairs == other.num_pairs
+    for m in scores.modules:
+        assert torch.equal(scores.n_pos[m.name], other.n_pos[m.name]), m.name
+        assert torch.equal(scores.n_neg[m.name], other.n_neg[m.name]), m.name
+
+
+def no_hooks_left(model) -> bool:
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+# ---------------------------------------------------------------------------------------------------- correctness
+
+
+@pytest.mark.parametrize("family", TWO_FAMILIES)
+def test_counts_equal_brute_force_reference(family):
+    model, tokenizer, pairs = tiny_model(family), char_tokenizer(), random_pairs(10)
+    scores = compute_momentum(model, tokenizer, pairs, sites=ALL_SITES, batch_size=3, progress=False)
+    n_pos, n_neg = brute_force_counts(model, tokenizer, pairs, ALL_SITES)
+    assert scores.num_pairs == 10
+    assert [m.site for m in scores.modules].count("residual") == 2
+    for m in scores.modules:
+        assert torch.equal(scores.n_pos[m.name], n_pos[m.name]), m.name
+        assert torch.equal(scores.n_neg[m.name], n_neg[m.name]), m.name
+        assert bool((scores.n_pos[m.name] + scores.n_neg[m.name] <= 10).all())
+    assert no_hooks_left(model)
+
+
+@pytest.mark.parametrize("family", TWO_FAMILIES)
+def test_batching_padding_side_and_order_do_not_change_counts(family):
+    model, pairs = tiny_model(family), random_pairs(11, seed=3)
+    reference = compute_momentum(model, char_tokenizer("right"), pairs, sites=ALL_SITES, batch_size=1, progress=False)
+    shuffled = pairs[:]
+    random.Random(0).shuffle(shuffled)
+    for padding_side, batch_size, data in [("right", 4, pairs), ("left", 4, pairs), ("left", 11, pairs),
+                                           ("right", 3, shuffled), ("left", 5, shuffled)]:
+        scores = compute_momentum(model, char_tokenizer(padding_side), data, sites=ALL_SITES, batch_size=batch_size,
+                                  progress=False)
+        assert_same_counts(scores, reference)
+
+
+def test_left_padding_batches_really_pad_and_use_positions_from_the_mask():
+    tokenizer = char_tokenizer("left")
+    token_pairs = tokenize_pairs(tokenizer, [("abcd", "ab"), ("a", "abc")], max_length=None)
+    (batch,) = make_batches(token_pairs, 2, pad_id=0, padding_side="left")
+    assert batch.pair_indices == [0, 1]  # longest first, stable
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1], [0, 0, 0, 1], [0, 0, 1, 1], [0, 1, 1, 1]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3], [0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 2]]
+    assert batch.last_token.tolist() == [3, 3, 3, 3]
+    (right,) = make_batches(token_pairs, 2, pad_id=0, padding_side="right")
+    assert right.last_token.tolist() == [3, 0, 1, 2]
+
+
+def test_a_bos_already_in_the_text_is_not_doubled():
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = char_tokenizer()
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    a, b = tokenizer.convert_tokens_to_ids(["a", "b"])
+    assert tokenize_pairs(tokenizer, [("<s>ab", "ab")], max_length=None) == [([1, a, b], [1, a, b])]
+
+
+def test_pair_formats_give_the_same_counts():
+    from datasets import Dataset
+
+    model, tokenizer = tiny_model("llama"), char_tokenizer()
+    triples = [("Q: " + a + "? A:", " yes " + a, " no " + b) for a, b in [("sun", "red"), ("cat", "dog"),
+                                                                          ("tree", "sea"), ("hot", "cold")]]
+    as_tuples = [(p + c, p + r) for p, c, r in triples]
+    dataset = Dataset.from_dict({"prompt": [t[0] for t in triples], "chosen": [t[1] for t in triples],
+                                 "rejected": [t[2] for t in triples]})
+    reference = compute_momentum(model, tokenizer, as_tuples, sites=["ffn"], progress=False)
+    for data in (triples, dataset, [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in triples]):
+        assert_same_counts(compute_momentum(model, tokenizer, data, sites=["ffn"], progress=False), reference)
+
+
+def test_chat_template_wraps_the_prompt_as_a_user_turn():
+    model, tokenizer = tiny_model("llama"), char_tokenizer()
+    triples = [("sky?", " blue", " red"), ("sea?", " wet", " dry")]
+    rendered = [("<user>" + p + "\n<assistant>" + c, "<user>" + p + "\n<assistant>" + r) for p, c, r in triples]
+    with_template = compute_momentum(model, tokenizer, triples, sites=["attention"], chat_template=True, progress=False)
+    assert_same_counts(with_template, compute_momentum(model, tokenizer, rendered, sites=["attention"], progress=False))
+
+
+def test_left_truncation_keeps_the_last_tokens_and_warns():
+    model, tokenizer = tiny_model("llama"), char_tokenizer()
+    pairs = random_pairs(6, seed=5)
+    with pytest.warns(UserWarning, match="truncated from the left"):
+        scores = compute_momentum(model, tokenizer, pairs, sites=["ffn"], max_length=9, progress=False)
+    cut = [(p[-9:], n[-9:]) for p, n in pairs]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_same_counts(scores, compute_momentum(model, tokenizer, cut, sites=["ffn"], progress=False))
+
+
+def test_forward_stops_after_the_last_needed_module():
+    model, tokenizer = tiny_model("llama", layers=3), char_tokenizer()
+    calls = {"lm_head": 0, "norm": 0, "last_mlp": 0, "last_o_proj": 0}
+    hooks = [model.lm_head.register_forward_hook(lambda *a: calls.__setitem__("lm_head", calls["lm_head"] + 1)),
+             model.model.norm.register_forward_hook(lambda *a: calls.__setitem__("norm", calls["norm"] + 1)),
+             model.model.layers[2].mlp.register_forward_hook(
+                 lambda *a: calls.__setitem__("last_mlp", calls["last_mlp"] + 1)),
+             model.model.layers[2].self_attn.o_proj.register_forward_hook(
+                 lambda *a: calls.__setitem__("last_o_proj", calls["last_o_proj"] + 1))]
+    compute_momentum(model, tokenizer, random_pairs(4), sites=["attention"], batch_size=2, progress=False)
+    # The last o_proj's *input* is read in a pre-hook, so not even that projection runs.
+    assert calls == {"lm_head": 0, "norm": 0, "last_mlp": 0, "last_o_proj": 0}
+    compute_momentum(model, tokenizer, random_pairs(4), sites=["residual"], batch_size=2, progress=False)
+    assert calls["lm_head"] == 0 and calls["norm"] == 0 and calls["last_mlp"] == 2
+    for hook in hooks:
+        hook.remove()
+    assert no_hooks_left(model)
+
+
+def test_fit_on_a_peft_model_reads_unsteered_activations():
+    tokenizer, pairs = char_tokenizer(), random_pairs(6)
+    plain = compute_momentum(tiny_model("llama"), tokenizer, pairs, sites=["attention", "ffn"], progress=False)
+    steered = get_peft_model(tiny_model("llama"), AUSteerConfig(sites=["attention", "ffn"]))
+    steered.set_aus([(("attention", 0), d, 5.0) for d in range(32)] + [(("ffn", 0), d, -3.0) for d in range(32)])
+    assert_same_counts(compute_momentum(steered, tokenizer, pairs, sites=["attention", "ffn"], progress=False), plain)
+
+    result = fit_austeer(steered, tokenizer, pairs, sites=["attention", "ffn"], k=7, alpha=3.0,
+                         adapter_name="fitted", progress=False)
+    assert result.peft_model is steered
+    assert steered.active_adapters == ["fitted"]
+    assert sorted(steered.peft_config) == ["default", "fitted"]
+    assert len(steered.get_aus("fitted")) == 7 and len(steered.get_aus("default")) == 64
+    assert_same_counts(result.scores, plain)
+
+
+def test_offloaded_model_gives_the_same_counts():
+    from accelerate import cpu_offload
+
+    tokenizer, pairs = char_tokenizer("left"), random_pairs(5)
+    reference = compute_momentum(tiny_model("llama"), tokenizer, pairs, sites=ALL_SITES, progress=False)
+    offloaded = cpu_offload(tiny_model("llama"), execution_device="cpu")
+    assert any(p.device.type == "meta" for p in offloaded.parameters())
+    assert_same_counts(compute_momentum(offloaded, tokenizer, pairs, sites=ALL_SITES, batch_size=2, progress=False),
+                       reference)
+
+
+# ---------------------------------------------------------------------------------------------------- selection
+
+
+def hand_made_scores() -> MomentumScores:
+    modules = [SiteModule("a", "attention", 0, "input", 4), SiteModule("b", "ffn", 0, "output", 3)]
+    n_pos = {"a": torch.tensor([8, 2, 5, 0]), "b": torch.tensor([2, 8, 5])}
+    n_neg = {"a": torch.tensor([1, 8, 5, 0]), "b": torch.tensor([8, 1, 4])}  # pair counts may leave ties out of both
+    return MomentumScores(modules, n_pos, n_neg, num_pairs=10, model_type="llama", sites=["attention", "ffn"])
+
+
+def test_select_ranks_globally_with_documented_tie_break_and_gamma():
+    scores = hand_made_scores()
+    aus = scores.select(5, alpha=10)
+    # s = 0.8 for a[0], a[1], b[0], b[1]: model order of modules, then lower dimension.
+    assert [(au.module, au.dim) for au in aus] == [("a", 0), ("a", 1), ("b", 0), ("b", 1), ("a", 2)]
+    assert [au.gamma for au in aus] == pytest.approx([8.0, -8.0, -8.0, 8.0, -5.0])  # r_pos == r_neg -> -α·r_neg
+    assert all(isinstance(au, AU) for au in aus)
+    assert scores.layer_distribution(5) == {("attention", 0): 3, ("ffn", 0): 2}
+    assert scores.score("b").tolist() == pytest.approx([0.8, 0.8, 0.5])
+    with pytest.warns(UserWarning, match="never separated a pair"):
+        scores.select(7, alpha=1)
+
+
+@pytest.mark.parametrize("k", [8, 100])
+def test_k_larger_than_candidate_aus_names_both_numbers(k):
+    with pytest.raises(ValueError, match=rf"k={k} .*\(7 over 2 modules"):
+        hand_made_scores().select(k, alpha=1)
+
+
+@pytest.mark.parametrize("alpha", [0, -1.0, float("nan"), float("inf"), "15", True])
+def test_bad_alpha_is_refused(alpha):
+    with pytest.raises(ValueError, match="alpha"):
+        hand_made_scores().select(3, alpha=alpha)
+
+
+def test_scores_save_load_and_any_adapter_without_another_pass(tmp_path):
+    model, tokenizer = tiny_model("gpt2"), char_tokenizer()
+    scores = compute_momentum(model, tokenizer, random_pairs(8), sites=["attention", "ffn_inner"], progress=False)
+    scores.save(tmp_path / "scores.safetensors")
+    loaded = MomentumScores.load(tmp_path / "scores.safetensors")
+    assert_same_counts(loaded, scores)
+    assert (loaded.sites, loaded.model_type, loaded.modules) == (["attention", "ffn_inner"], "gpt2", scores.modules)
+    distribution = loaded.layer_distribution(20)
+    assert list(distribution) == [("attention", 0), ("attention", 1), ("ffn_inner", 0), ("ffn_inner", 1)]
+    assert sum(distribution.values()) == 20
+
+    forwards = []
+    model.register_forward_pre_hook(lambda *a: forwards.append(1))
+    peft_model = loaded.to_adapter(5, 2.0, model)
+    assert forwards == []
+    assert isinstance(peft_model, PeftModel)
+    assert sorted(peft_model.get_aus()) == sorted(scores.select(5, 2.0))
+    assert peft_model.peft_config["default"].k == 5 and peft_model.peft_config["default"].alpha == 2.0
+    with pytest.raises(ValueError, match="gpt2"):
+        loaded.to_adapter(5, 2.0, tiny_model("llama"))
+
+
+# ---------------------------------------------------------------------------------------------------- files
+
+
+def test_fitting_twice_gives_byte_identical_adapter_files(tmp_path):
+    tokenizer, pairs = char_tokenizer(), random_pairs(9)
+    folders = []
+    for run in range(2):
+        result = fit_austeer(tiny_model("llama"), tokenizer, pairs, sites=["attention", "ffn"], k=12, alpha=4.0,
+                             batch_size=4, progress=False)
+        assert isinstance(result, FitResult)
+        result.peft_model.save_pretrained(tmp_path / str(run))
+        folders.append(tmp_path / str(run))
+    names = sorted(p.name for p in folders[0].iterdir())
+    assert "adapter_model.safetensors" in names and "adapter_config.json" in names
+    match, mismatch, errors = filecmp.cmpfiles(folders[0], folders[1], names, shallow=False)
+    assert mismatch == [] and errors == [] and sorted(match) == names
+
+    reloaded = PeftModel.from_pretrained(tiny_model("llama"), folders[0])
+    assert sorted(reloaded.get_aus()) == sorted(result.peft_model.get_aus())
+    assert len(reloaded.get_aus()) == 12
+
+
+# ---------------------------------------------------------------------------------------------------- memory
+
+
+def tensors_held(obj, seen=None) -> list[torch.Tensor]:
+    """Every tensor reachable from an object's attributes (through lists, tuples and dicts)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    if torch.is_tensor(obj):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for value in obj.values() for t in tensors_held(value, seen)]
+    if isinstance(obj, (list, tuple)):
+        return [t for value in obj for t in tensors_held(value, seen)]
+    if hasattr(obj, "__dict__") and not isinstance(obj, torch.nn.Module):
+        return tensors_held(vars(obj), seen)
+    return []
+
+
+def test_counting_state_does_not_grow_with_the_number_of_pairs():
+    model, tokenizer = tiny_model("llama"), char_tokenizer()
+    config = AUSteerConfig(sites=ALL_SITES)
+    candidates = candidate_modules(model, config)
+    num_aus = sum(c.width for c in candidates)
+    held = []
+    for num_pairs in (4, 24):
+        token_pairs = tokenize_pairs(tokenizer, random_pairs(num_pairs), max_length=None)
+        with MomentumCounter(model, candidates) as counter, torch.inference_mode():
+            for batch in make_batches(token_pairs, 4, pad_id=0):
+                counter.count_batch(lambda: model(input_ids=batch.input_ids, attention_mask=batch.attention_mask),
+                                    batch.last_token, batch.input_ids.shape[1])
+                # Between batches only the counts exist: three int64 counts (>, <, non-finite) per AU.
+                sizes = sorted(t.numel() for t in tensors_held(counter))
+                assert sum(sizes) == 3 * num_aus
+                assert all(t.dtype == torch.int64 for t in tensors_held(counter))
+        scores = counter.to_scores(model, config)
+        assert scores.num_pairs == num_pairs
+        held.append(sorted((t.numel(), t.dtype) for t in tensors_held(scores)))
+    assert held[0] == held[1]
+    assert no_hooks_left(model)
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "pairs, error, match",
+    [
+        ([], ValueError, "empty"),
+        ("positive text", TypeError, "list of pairs"),
+        ([("good answer", "")], ValueError, "negative .*empty"),
+        ([("   ", "bad answer")], ValueError, "positive .*empty"),
+        ([("prompt", "", "no")], ValueError, "empty"),
+        ([("good", 3)], TypeError, "must be a string"),
+        ([("good", None)], TypeError, "must be a string"),
+        ([("a", "b", "c", "d")], TypeError, "each pair must be"),
+        (["just a string"], TypeError, "each pair must be"),
+        ([{"text": "x"}], ValueError, "chosen"),
+        ([("same text", "same text"), ("other", "other")], ValueError, "identical"),
+    ],
+)
+def test_bad_pairs_are_refused_before_anything_changes(pairs, error, match):
+    model = tiny_model("llama")
+    with pytest.raises(error, match=match):
+        fit_austeer(model, char_tokenizer(), pairs, sites=["attention"], k=3, progress=False)
+    assert not any(isinstance(m, AUSteerLayer) for m in model.modules())
+    assert no_hooks_left(model)
+
+
+@pytest.mark.parametrize("k, alpha, match", [(65, 15.0, r"k=65 .*\(64 over 2 modules"), (0, 15.0, "`k`"),
+                                             (3, 0.0, "alpha"), (3, float("nan"), "alpha"),
+                                             (3, -2.0, "alpha")])
+def test_bad_k_or_alpha_is_refused_before_the_pass(k, alpha, match):
+    model = tiny_model("llama")
+    forwards = []
+    model.register_forward_pre_hook(lambda *a: forwards.append(1))
+    with pytest.raises(ValueError, match=match):
+        fit_austeer(model, char_tokenizer(), random_pairs(3), sites=["attention"], k=k, alpha=alpha, progress=False)
+    assert forwards == []
+
+
+def test_some_identical_pairs_warn_and_chat_template_needs_a_prompt():
+    model, tokenizer = tiny_model("llama"), char_tokenizer()
+    with pytest.warns(UserWarning, match="1 of 4 pairs have identical"):
+        compute_momentum(model, tokenizer, random_pairs(3) + [("same", "same")], sites=["ffn"], progress=False)
+    with pytest.raises(ValueError, match="chat_template"):
+        compute_momentum(model, tokenizer, random_pairs(3), sites=["ffn"], chat_template=True, progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        compute_momentum(model, tokenizer, random_pairs(3), sites=["ffn"], batch_size=0, progress=False)
+    with pytest.raises(ValueError, match="Unknown AUSteer site"):
+        compute_momentum(model, tokenizer, random_pairs(3), sites=["mlp"], progress=False)
+
+
+def test_nan_activations_are_reported():
+    model, tokenizer = tiny_model("llama"), char_tokenizer()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3] = float("nan")  # output dimension 3 of layer 1's MLP
+    with pytest.warns(UserWarning, match=r"NaN/inf activations .*model\.layers\.1\.mlp"):
+        scores = compute_momentum(model, tokenizer, random_pairs(4), sites=["ffn"], progress=False)
+    assert scores.n_pos["model.layers.1.mlp"][3] == 0 and scores.n_neg["model.layers.1.mlp"][3] == 0
+
+
+def test_pairs_whose_activations_never_differ_are_refused():
+    # Texts differ only before a window that truncation cuts away: as tokens the two sides become identical.
+    model, tokenizer = tiny_model("llama"), char_tokenizer()
+    pairs = [("yes: same ending", "no: same ending")]
+    with pytest.warns(UserWarning, match="truncated"), pytest.raises(ValueError, match="identical"):
+        fit_austeer(model, tokenizer, pairs, sites=["attention"], k=3, max_length=6, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------- real model
+
+
+def sst2_pairs(n: int) -> list[tuple[str, str, str]]:
+    with open(DATA_DIR / "SST-2" / "train.tsv", newline="") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))[:n]
+    labels = {"1": " positive", "0": " negative"}
+    return [(f"Review: {row['text'].strip()}\nSentiment:", labels[row["label"]],
+             labels["0" if row["label"] == "1" else "1"]) for row in rows]
+
+
+@pytest.mark.real
+def test_real_model_fit_saves_loads_and_steers(smollm2, tmp_path):
+    model, tokenizer = smollm2
+    pairs = sst2_pairs(64)
+    inputs = tokenizer(["Review: a gorgeous, witty film\nSentiment:"], return_tensors="pt")
+    with torch.no_grad():
+        plain_logits = model(**inputs).logits
+    result = fit_austeer(model, tokenizer, pairs, sites=["attention"], k=40, alpha=15, batch_size=16, progress=False)
+    try:
+        scores = result.scores
+        assert scores.num_pairs == 64 and scores.model_type == "llama"
+        assert len(scores.modules) == model.config.num_hidden_layers
+        assert sum(scores.layer_distribution(40).values()) == 40
+        assert max(s.max().item() for s in map(scores.score, scores.n_pos)) > 0.5
+        aus = result.peft_model.get_aus()
+        assert len(aus) == 40
+        result.peft_model.save_pretrained(tmp_path / "sst2-austeer")
+    finally:
+        base = result.peft_model.unload()  # the model is shared by the session: put it back
+    assert base is model and not any(isinstance(m, AUSteerLayer) for m in model.modules())
+
+    loaded = PeftModel.from_pretrained(model, tmp_path / "sst2-austeer")
+    try:
+        assert sorted(loaded.get_aus()) == sorted(aus)
+        with torch.no_grad():
+            steered_logits = loaded(**inputs).logits
+            with loaded.disable_adapter():
+                disabled_logits = loaded(**inputs).logits
+        assert torch.equal(disabled_logits, plain_logits)
+        assert not torch.allclose(steered_logits, plain_logits, atol=1e-3)
+        assert math.isfinite(steered_logits.abs().max().item())
+    finally:
+        loaded.unload()
