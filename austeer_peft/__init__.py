@@ -1,6 +1,8 @@
 """AUSteer (fine-grained activation steering) as a PEFT method. Importing this package registers it with PEFT."""
 
+from .cards import adapter_card, attach_card_info, register_card_hooks
 from .config import AUSteerConfig
+from .export import merge_and_save, push_to_hub, save_merged, to_ia3
 from .fit import FitResult, compute_momentum, fit_austeer
 from .layer import AUSteerLayer
 from .model import AU, AUSteerModel
@@ -10,9 +12,11 @@ from .registry import register_austeer
 from .sites import SITES
 
 register_austeer()
+register_card_hooks()  # AUSteer PeftModels write and push the AUSteer model card
 
 __all__ = [
     "AU", "AUSteerConfig", "AUSteerLayer", "AUSteerModel", "FitResult", "MomentumScores", "SITES", "as_text_pairs",
     "compute_momentum", "fit_austeer", "pairs_from_answer_pool", "pairs_from_choices",
 ]
+__all__ += ["adapter_card", "attach_card_info", "merge_and_save", "push_to_hub", "save_merged", "to_ia3"]
 __version__ = "0.1.0"

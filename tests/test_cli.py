@@ -1,0 +1,180 @@
+"""The `austeer` command line (merge, push, inspect), `python -m austeer_peft.cli`, and the examples."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model
+from peft import get_peft_model
+from transformers import AutoModelForCausalLM
+
+from austeer_peft import AUSteerConfig
+from austeer_peft.cli import COMMANDS, Command, main, register_command
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+def saved_adapter(folder: Path, family: str = "llama"):
+    model = get_peft_model(tiny_model(family), AUSteerConfig(sites=["attention", "ffn"], k=3, alpha=4.0))
+    model.set_aus([(("attention", 0), 3, 1.5), (("attention", 0), 9, -0.25), (("ffn", 1), 2, 2.0)])
+    model.save_pretrained(folder)
+    return model
+
+
+def base_folder(folder: Path, family: str = "llama") -> Path:
+    """A tiny base checkpoint with a toy tokenizer, as `austeer merge --model` needs one."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tiny_model(family).save_pretrained(folder)
+    vocabulary = {f"t{i}": i for i in range(101)}
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocabulary, unk_token="t0")),
+                            eos_token="t2").save_pretrained(folder)
+    return folder
+
+
+def run_module(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+
+
+def test_help_lists_commands_and_a_workflow(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("merge", "push", "inspect"):
+        assert name in out
+    assert "Typical workflow" in out and "austeer merge --model smollm2-135m" in out
+
+
+@pytest.mark.parametrize("command, expected", [
+    ("merge", ["--model", "--adapter", "--output", "smollm2-135m", "austeer-peft", "residual"]),
+    ("push", ["--adapter", "--repo-id", "--private", "README.md"]),
+    ("inspect", ["adapter", "--all", "--json"]),
+])
+def test_each_command_has_help(capsys, command, expected):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert all(text in out for text in expected), out
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "Typical workflow" in capsys.readouterr().out
+
+
+def test_inspect_prints_config_aus_and_size(tmp_path, capsys):
+    saved_adapter(tmp_path)
+    assert main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    size = (tmp_path / "adapter_model.safetensors").stat().st_size
+    assert "sites:      attention, ffn" in out and "k, alpha:   3, 4" in out
+    assert f"adapter_model.safetensors, {size:,} bytes" in out
+    assert "steered:    3 AUs in 2 modules" in out
+    assert "layer   0: attention 2" in out and "layer   1: ffn 1" in out
+    assert re.search(r"model\.layers\.0\.self_attn\.o_proj +width +32 +2 AUs +3: \+1\.5, 9: -0\.25\n", out)
+    assert re.search(r"model\.layers\.1\.mlp +width +32 +1 AU +2: \+2\n", out)
+
+
+def test_inspect_json(tmp_path, capsys):
+    model = saved_adapter(tmp_path)
+    assert main(["inspect", str(tmp_path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["config"]["peft_type"] == "AUSTEER" and report["config"]["k"] == 3
+    assert [(a["module"], a["dim"], a["gamma"]) for a in report["aus"]] == [tuple(au) for au in model.get_aus()]
+
+
+def test_inspect_truncates_long_modules(tmp_path, capsys):
+    model = get_peft_model(tiny_model("llama"), AUSteerConfig(sites="attention"))
+    model.set_aus([(("attention", 1), d, 0.5) for d in range(12)])
+    model.save_pretrained(tmp_path)
+    main(["inspect", str(tmp_path)])
+    assert "... 4 more (--all)" in capsys.readouterr().out
+    main(["inspect", str(tmp_path), "--all"])
+    assert "11: +0.5" in capsys.readouterr().out
+
+
+def test_inspect_unknown_adapter_is_one_line_error(tmp_path, capsys):
+    assert main(["inspect", "nobody/nothing-here"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("austeer inspect: error:") and "neither a local folder nor a Hub repository" in err
+
+
+def test_merge_writes_a_plain_checkpoint(tmp_path, capsys, input_ids):
+    base = base_folder(tmp_path / "base")
+    model = saved_adapter(tmp_path / "adapter")
+    with torch.no_grad():
+        steered = model(input_ids).logits
+    assert main(["merge", "--model", str(base), "--adapter", str(tmp_path / "adapter"),
+                 "--output", str(tmp_path / "merged")]) == 0
+    assert "AutoModelForCausalLM.from_pretrained" in capsys.readouterr().out
+    files = {p.name for p in (tmp_path / "merged").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= files
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids).logits, steered, rtol=0, atol=1e-5)
+
+
+def test_merge_errors_are_one_line(tmp_path, capsys):
+    base = base_folder(tmp_path / "base")
+    model = get_peft_model(tiny_model("llama"), AUSteerConfig(sites=["residual"]))
+    model.set_aus([(("residual", 0), 1, 1.0)])
+    model.save_pretrained(tmp_path / "residual")
+    assert main(["merge", "--model", str(base), "--adapter", str(tmp_path / "residual"),
+                 "--output", str(tmp_path / "out")]) == 1
+    assert "residual" in capsys.readouterr().err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    assert main(["merge", "--model", str(base), "--adapter", str(tmp_path / "residual"),
+                 "--output", str(tmp_path / "full")]) == 1
+    assert "is not empty; pass --force" in capsys.readouterr().err
+
+
+def test_commands_can_be_added(capsys):
+    def add_arguments(parser):
+        parser.add_argument("--n", type=int, default=1)
+
+    def run(args):
+        print(f"ran with n={args.n}")
+        return 0
+
+    register_command(Command("hello", "say hello", "A test command.", add_arguments, run))
+    try:
+        assert main(["hello", "--n", "3"]) == 0
+        assert "ran with n=3" in capsys.readouterr().out
+    finally:
+        del COMMANDS["hello"]
+
+
+def test_python_m_austeer_peft_cli(tmp_path):
+    saved_adapter(tmp_path / "adapter")
+    done = run_module("-m", "austeer_peft.cli", "inspect", str(tmp_path / "adapter"))
+    assert done.returncode == 0 and "3 AUs in 2 modules" in done.stdout, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("example, expected", [
+    ("hub.py", "AutoPeftModelForCausalLM.from_pretrained loads base and adapter: same logits"),
+    ("merge_for_serving.py", "Plain transformers (austeer_peft imported: False)"),
+])
+def test_examples_run_offline(tmp_path, example, expected):
+    done = run_module(str(ROOT / "examples" / example), "--workdir", str(tmp_path), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert expected in done.stdout
