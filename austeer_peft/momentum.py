@@ -169,7 +169,8 @@ class MomentumCounter:
             by_device: dict[torch.device, list[int]] = {}
             for i, tensor in enumerate(last):
                 by_device.setdefault(tensor.device, []).append(i)
-            self.blocks = [_DeviceCounts.empty(device, members, self.candidates) for device, members in by_device.items()]
+            self.blocks = [_DeviceCounts.empty(device, members, self.candidates)
+                           for device, members in by_device.items()]
         for block in self.blocks:
             tensors = [last[i] for i in block.members]
             if any(t.device != block.device for t in tensors):
@@ -324,7 +325,7 @@ class MomentumScores:
         return torch.sort(-s, stable=True).indices[:k]
 
     def select(self, k: int, alpha: float) -> list[AU]:
-        """The top-k AUs with their γ, best first: ``γ = α·r_pos`` if ``r_pos > r_neg``, else ``γ = -α·r_neg``."""
+        """The top-k AUs with their γ, best first: ``γ = α·r_pos`` if ``r_pos > r_neg``, else ``-α·r_neg``."""
         alpha = _check_alpha(alpha)
         top = self._top(k)
         module_index, dims, n_pos, n_neg = self._flat()
@@ -349,7 +350,7 @@ class MomentumScores:
             )
         return aus
 
-    def layer_distribution(self, k: int) -> dict[tuple[Optional[str], Optional[int]], int]:
+    def layer_distribution(self, k: int) -> dict[tuple[str, Optional[int]], int]:
         """How many of the top-k AUs sit at each (site, layer), for every candidate (site, layer) including empty
         ones: sites in the order they were requested, then layers in order.
 
@@ -363,8 +364,12 @@ class MomentumScores:
             distribution[key] = distribution.get(key, 0) + chosen.get(i, 0)
         if self.sites:
             site_rank = {site: rank for rank, site in enumerate(self.sites)}
-            distribution = dict(sorted(distribution.items(), key=lambda item: (site_rank.get(item[0][0], len(site_rank)),
-                                                                             -1 if item[0][1] is None else item[0][1])))
+
+            def site_then_layer(item):
+                (site, layer), _ = item
+                return site_rank.get(site, len(site_rank)), -1 if layer is None else layer
+
+            distribution = dict(sorted(distribution.items(), key=site_then_layer))
         return distribution
 
     def __repr__(self) -> str:

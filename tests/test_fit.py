@@ -46,7 +46,9 @@ def random_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
     pairs = []
     for _ in range(n):
         prompt = " ".join(rng.choice(words) for _ in range(rng.randint(1, 7))) + "? "
-        pairs.append((prompt + rng.choice(words), prompt + " ".join(rng.choice(words) for _ in range(rng.randint(1, 3)))))
+        positive = prompt + rng.choice(words)
+        negative = prompt + " ".join(rng.choice(words) for _ in range(rng.randint(1, 3)))
+        pairs.append((positive, negative))
     return pairs
 
 
@@ -227,6 +229,19 @@ def test_offloaded_model_gives_the_same_counts():
     assert any(p.device.type == "meta" for p in offloaded.parameters())
     assert_same_counts(compute_momentum(offloaded, tokenizer, pairs, sites=ALL_SITES, batch_size=2, progress=False),
                        reference)
+
+
+def test_target_modules_count_like_the_matching_site():
+    model, tokenizer, pairs = tiny_model("llama"), char_tokenizer(), random_pairs(5)
+    by_site = compute_momentum(model, tokenizer, pairs, sites=["attention"], progress=False)
+    result = fit_austeer(model, tokenizer, pairs, target_modules=["o_proj"], position="input", k=6, alpha=2.0,
+                         progress=False)
+    assert_same_counts(result.scores, by_site)
+    assert result.scores.sites is None and result.scores.target_modules == ["o_proj"]
+    assert result.peft_model.peft_config["default"].target_modules == ["o_proj"]
+    assert sorted(result.peft_model.get_aus()) == sorted(by_site.select(6, 2.0))
+    assert list(result.scores.layer_distribution(6)) == [("model.layers.0.self_attn.o_proj", 0),
+                                                         ("model.layers.1.self_attn.o_proj", 1)]
 
 
 # ---------------------------------------------------------------------------------------------------- selection
