@@ -34,6 +34,42 @@ def logits(model, input_ids):
         return model(input_ids).logits
 
 
+def steered_and_plain(model, layer, input_ids):
+    """The activation an AUSteerLayer steers, with the adapter on and off: for input sites what the wrapped module
+    actually receives, for output sites what the wrapper hands on."""
+    seen = []
+    if layer.position == "input":
+        handle = unwrap(layer).register_forward_pre_hook(lambda m, args, kwargs: seen.append(
+            (args[0] if args else kwargs["hidden_states"]).clone()), with_kwargs=True)
+    else:
+        handle = layer.register_forward_hook(lambda m, args, out: seen.append(out.clone()))
+    with torch.no_grad():
+        model(input_ids)
+        with model.disable_adapter():
+            model(input_ids)
+    handle.remove()
+    return seen
+
+
+def assert_only_dim_scaled(steered, plain, dim, factor):
+    others = [d for d in range(steered.shape[-1]) if d != dim]
+    assert torch.equal(steered[..., others], plain[..., others])
+    torch.testing.assert_close(steered[..., dim], plain[..., dim] * factor, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(steered[..., dim], plain[..., dim])
+
+
+def assert_merge_exact_and_unmerge_restores(model, original, input_ids):
+    """merge_adapter matches the unmerged logits (≤ 1e-5); unmerge_adapter restores every weight bit-exactly."""
+    steered = logits(model, input_ids)
+    model.merge_adapter()
+    torch.testing.assert_close(logits(model, input_ids), steered, rtol=0, atol=1e-5)
+    model.unmerge_adapter()
+    for key, value in model.get_base_model().state_dict().items():
+        assert torch.equal(value, original[key.replace(".base_layer", "")]), key
+    assert torch.equal(logits(model, input_ids), steered)
+    return steered
+
+
 @pytest.mark.parametrize("site", list(SITES))
 def test_sites_resolve_on_every_family(family, site):
     model = tiny_model(family)
@@ -61,23 +97,9 @@ def test_hand_set_au_changes_exactly_that_dimension(family, site, input_ids):
     model.set_aus([((site, 0), dim, gamma)])
     layer = dict(model.named_modules())["base_model.model." + candidate.name]
     assert isinstance(layer, AUSteerLayer)
-
-    seen = []
-    if candidate.position == "input":  # what the wrapped module actually receives
-        handle = unwrap(layer).register_forward_pre_hook(lambda m, args, kwargs: seen.append(
-            (args[0] if args else kwargs["hidden_states"]).clone()), with_kwargs=True)
-    else:  # what the wrapper hands on
-        handle = layer.register_forward_hook(lambda m, args, out: seen.append(out.clone()))
-    with torch.no_grad():
-        model(input_ids)
-        with model.disable_adapter():
-            model(input_ids)
-    handle.remove()
-    steered, plain = seen
-    others = [d for d in range(candidate.width) if d != dim]
-    assert torch.equal(steered[..., others], plain[..., others])
-    torch.testing.assert_close(steered[..., dim], plain[..., dim] * (1 + gamma), rtol=1e-6, atol=1e-7)
-    assert not torch.equal(steered[..., dim], plain[..., dim])
+    steered, plain = steered_and_plain(model, layer, input_ids)
+    assert steered.shape[-1] == candidate.width
+    assert_only_dim_scaled(steered, plain, dim, 1 + gamma)
 
 
 def test_only_modules_with_aus_are_wrapped(family):
@@ -136,15 +158,7 @@ def test_merge_matches_unmerged_and_unmerge_is_exact(family, input_ids):
     original = {k: v.clone() for k, v in base.state_dict().items()}
     model = get_peft_model(base, AUSteerConfig(sites=MERGEABLE_SITES))
     model.set_aus(spread_aus(base, MERGEABLE_SITES, 30))
-    steered = logits(model, input_ids)
-    model.merge_adapter()
-    torch.testing.assert_close(logits(model, input_ids), steered, rtol=0, atol=1e-5)
-    model.unmerge_adapter()
-    restored = model.get_base_model().state_dict()
-    for key, value in original.items():
-        restored_key = next(k for k in restored if k.replace(".base_layer", "") == key)
-        assert torch.equal(restored[restored_key], value), key
-    assert torch.equal(logits(model, input_ids), steered)
+    assert_merge_exact_and_unmerge_restores(model, original, input_ids)
 
 
 def test_merge_and_unload_gives_plain_model(family, input_ids, tmp_path):

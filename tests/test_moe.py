@@ -6,7 +6,13 @@ import pytest
 import torch
 from conftest import MOE_FAMILIES, tiny_moe_model
 from peft import PeftModel, get_peft_model
-from test_core import logits, spread_aus
+from test_core import (
+    assert_merge_exact_and_unmerge_restores,
+    assert_only_dim_scaled,
+    logits,
+    spread_aus,
+    steered_and_plain,
+)
 
 from austeer_peft import AUSteerConfig, AUSteerLayer
 from austeer_peft.sites import candidate_modules, merge_slices
@@ -34,16 +40,7 @@ def test_hand_set_au_scales_the_moe_block_output(moe_family, input_ids):
     model.set_aus([(("ffn", 0), 9, 4.0)])
     layer = model.get_base_model().model.layers[0].mlp
     assert isinstance(layer, AUSteerLayer)
-    seen = []
-    handle = layer.register_forward_hook(lambda m, args, out: seen.append(out.clone()))
-    with torch.no_grad():
-        model(input_ids)
-        with model.disable_adapter():
-            model(input_ids)
-    handle.remove()
-    steered, plain = seen
-    torch.testing.assert_close(steered[..., 9], plain[..., 9] * 5.0)
-    assert torch.equal(steered[..., :9], plain[..., :9]) and torch.equal(steered[..., 10:], plain[..., 10:])
+    assert_only_dim_scaled(*steered_and_plain(model, layer, input_ids), dim=9, factor=5.0)
 
 
 def test_moe_merge_is_exact_and_unmerge_restores(moe_family, input_ids):
@@ -51,12 +48,7 @@ def test_moe_merge_is_exact_and_unmerge_restores(moe_family, input_ids):
     original = {k: v.clone() for k, v in base.state_dict().items()}
     model = get_peft_model(base, AUSteerConfig(sites=SITES))
     model.set_aus(spread_aus(base, SITES, 16))
-    steered = logits(model, input_ids)
-    model.merge_adapter()
-    torch.testing.assert_close(logits(model, input_ids), steered, rtol=0, atol=1e-5)
-    model.unmerge_adapter()
-    for key, value in model.get_base_model().state_dict().items():
-        assert torch.equal(value, original[key.replace(".base_layer", "")]), key
+    steered = assert_merge_exact_and_unmerge_restores(model, original, input_ids)
     merged = model.merge_and_unload()
     assert not any(isinstance(m, AUSteerLayer) for m in merged.modules())
     torch.testing.assert_close(logits(merged, input_ids), steered, rtol=0, atol=1e-5)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import quantized_copy, tiny_model
 from peft import PeftModel, get_peft_model
-from test_core import logits, spread_aus
+from test_core import assert_only_dim_scaled, logits, spread_aus, steered_and_plain
 
 from austeer_peft import AUSteerConfig, AUSteerLayer
 from austeer_peft.bnb import dequantized_4bit
@@ -44,17 +44,9 @@ def test_hand_set_au_on_linear4bit_scales_its_input(four_bit, input_ids):
     _, quantized = four_bit
     model = get_peft_model(quantized, AUSteerConfig(sites="attention"))
     model.set_aus([(("attention", 1), 6, 3.0)])
-    o_proj = model.get_base_model().model.layers[1].self_attn.o_proj.base_layer
-    seen = []
-    handle = o_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
-    with torch.no_grad():
-        model(input_ids)
-        with model.disable_adapter():
-            model(input_ids)
-    handle.remove()
-    steered, plain = seen
-    torch.testing.assert_close(steered[..., 6], plain[..., 6] * 4.0)
-    assert torch.equal(steered[..., :6], plain[..., :6]) and torch.equal(steered[..., 7:], plain[..., 7:])
+    layer = model.get_base_model().model.layers[1].self_attn.o_proj
+    assert isinstance(layer.base_layer, bnb.nn.Linear4bit)
+    assert_only_dim_scaled(*steered_and_plain(model, layer, input_ids), dim=6, factor=4.0)
 
 
 def test_merge_into_4bit_requantizes_and_unmerge_is_exact(four_bit, input_ids):
