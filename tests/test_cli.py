@@ -178,3 +178,97 @@ def test_examples_run_offline(tmp_path, example, expected):
     done = run_module(str(ROOT / "examples" / example), "--workdir", str(tmp_path), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert expected in done.stdout
+
+
+# ---------------------------------------------------------------------------------------------------- fit, eval, sweep
+
+
+def real_task_model_folder(folder: Path) -> Path:
+    """A tiny Llama and a word-level tokenizer over the words of a 48-example slice of SST-2 (fit, validation and
+    test: 16 each), saved as a checkpoint `--model` can take, so the CLI runs end to end on real data in seconds."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoConfig, PreTrainedTokenizerFast
+
+    from austeer_peft.evaluate import load_task
+
+    task = load_task("sst2", n_fit=16, n_validation=16)
+    texts = [*task.fit["prompt"], *task.validation["prompt"], *task.test.select(range(16))["prompt"], *task.choices]
+    vocabulary = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    splitter = pre_tokenizers.Whitespace()
+    for text in texts:
+        for word, _ in splitter.pre_tokenize_str(text):
+            vocabulary.setdefault(word, len(vocabulary))
+    backend = Tokenizer(models.WordLevel(vocabulary, unk_token="<unk>"))
+    backend.pre_tokenizer = splitter
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>", unk_token="<unk>")
+    config = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                  vocab_size=len(vocabulary), max_position_embeddings=128, pad_token_id=0,
+                                  bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+SLICE = ["--task", "sst2", "--n-fit", "16", "--n-validation", "16", "--n-test", "16", "--batch-size", "8"]
+
+
+def test_sweep_fit_eval_end_to_end_on_a_real_task_slice(tmp_path, capsys):
+    model = str(real_task_model_folder(tmp_path / "model"))
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--model", model, *SLICE, "--ks", "1", "4", "--alphas", "5", "50",
+                 "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for method in ("vanilla", "AUSteer-attention", "AUSteer-ffn", "block-level", "CAA"):
+        assert method in printed
+    assert "Test scored on its first 16 examples only." in printed
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["sizes"] == {"fit": 16, "validation": 16, "test": 16}
+    assert [row["method"] for row in summary["results"]][:3] == ["vanilla", "AUSteer-attention", "AUSteer-ffn"]
+    expected = {"results.json", "sweep.csv", "scores.safetensors", "adapters", "heatmap_attention.png",
+                "heatmap_ffn.png", "au_locations.png"}
+    assert expected <= {p.name for p in out.iterdir()}
+
+    # `austeer eval` of the saved best ffn adapter reproduces the sweep's test accuracy.
+    ffn = next(row for row in summary["results"] if row["method"] == "AUSteer-ffn")
+    assert main(["eval", "--model", model, *SLICE, "--adapter", str(out / "adapters" / "austeer_ffn"),
+                 "--output", str(tmp_path / "eval")]) == 0
+    evaluated = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert round(100 * evaluated["results"]["adapter"]["accuracy"], 2) == ffn["test_accuracy"]
+    assert round(100 * evaluated["results"]["vanilla"]["accuracy"], 2) == summary["results"][0]["test_accuracy"]
+    assert "paired test vs vanilla" in capsys.readouterr().out
+
+    # `austeer fit` with the sweep's best (k, α) on the same pairs gives the same AUs.
+    assert main(["fit", "--model", model, *SLICE, "--sites", "ffn", "--k", str(ffn["settings"]["k"]),
+                 "--alpha", str(ffn["settings"]["alpha"]), "--output", str(tmp_path / "fit")]) == 0
+    fitted = json.loads((tmp_path / "fit" / "results.json").read_text())
+    swept = json.loads((out / "adapters" / "austeer_ffn" / "adapter_config.json").read_text())
+    assert fitted["num_pairs"] == 16 and fitted["adapter_bytes"] > 0
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(tmp_path / "fit" / "adapter" / "adapter_model.safetensors")["austeer_table_index"],
+                       load_file(out / "adapters" / "austeer_ffn" / "adapter_model.safetensors")["austeer_table_index"])
+    assert swept["k"] == ffn["settings"]["k"]
+
+
+def test_task_arguments_are_checked(tmp_path, capsys):
+    assert main(["fit", "--output", str(tmp_path / "a")]) == 1
+    assert "give either --task" in capsys.readouterr().err
+    assert main(["fit", "--data", "x.jsonl", "--output", str(tmp_path / "b")]) == 1
+    assert "--data needs --template" in capsys.readouterr().err
+    assert main(["eval", "--task", "nope"]) == 1
+    assert "Unknown task 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, expected", [
+    ("fit", ["--sites", "--k", "--alpha", "--task", "--data", "--template", "austeer fit --task sst2"]),
+    ("eval", ["--adapter", "--split", "--scoring", "greedy", "paired"]),
+    ("sweep", ["--ks", "--alphas", "--baselines", "block-level", "CAA", "heatmap"]),
+])
+def test_job_commands_have_help(capsys, command, expected):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert all(text in out for text in expected), out

@@ -17,6 +17,7 @@ from .scoring import (
     restricted_choice_correct,
     restricted_choice_predictions,
 )
+from .runner import SCORINGS, SplitResult, default_scoring, evaluate_split
 from .tasks import (
     TASK_NAMES,
     ContrastivePair,
@@ -29,6 +30,8 @@ from .tasks import (
 )
 
 __all__ = [
+    "SCORINGS",
+    "SplitResult",
     "TASK_NAMES",
     "ContrastivePair",
     "Task",
@@ -36,6 +39,8 @@ __all__ = [
     "bootstrap_ci",
     "choice_token_ids",
     "continuation_logprobs",
+    "default_scoring",
+    "evaluate_split",
     "format_number",
     "generation_correct",
     "greedy_choice_correct",

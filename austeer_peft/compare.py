@@ -1,0 +1,233 @@
+"""AUSteer next to its baselines on one task, in one harness: the job behind ``austeer sweep`` and the demo.
+
+For each method the steering settings are picked on the validation split and the test split is scored once:
+
+=================  ============================================================================================
+vanilla            the unsteered model
+AUSteer-<site>     one momentum pass over all sites; per site a (k, α) sweep (:mod:`austeer_peft.sweep`)
+block-level        every dimension of the blocks the best AUSteer adapter steers, AUSteer's γ rule, α swept
+CAA                mean last-token residual difference added at one layer; layer and multiplier swept
+=================  ============================================================================================
+
+Outputs (``output_dir``): ``results.json`` (the table, settings, split notes, timings), ``sweep.csv`` (every cell of
+every sweep), ``scores.safetensors`` (the momentum table), ``adapters/<method>/`` (saved adapters), and figures
+``heatmap_<method>.png`` and ``au_locations.png`` when matplotlib is installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from torch import nn
+
+from .baselines import CAA_MULTIPLIERS, block_level_aus, caa_layers, caa_steering, caa_vectors
+from .evaluate.runner import SplitResult, evaluate_split
+from .evaluate.scoring import bootstrap_ci, paired_test
+from .evaluate.tasks import Task
+from .fit import compute_momentum
+from .sweep import DEFAULT_ALPHAS, DEFAULT_KS, SweepCell, SweepResult, scores_for_sites, sweep_aus, sweep_k_alpha
+from .sweep import write_sweep_csv
+
+BASELINES = ("block", "caa")
+
+
+@dataclass
+class MethodResult:
+    """One row of the comparison table."""
+
+    method: str
+    num_steered: int  # steered activations (AUs, or dimensions of the added vector)
+    test: SplitResult
+    adapter_bytes: int  # size of the saved steering file (0 for vanilla)
+    fit_seconds: float  # the pass(es) over the pairs this method needs (0 for vanilla)
+    validation_accuracy: Optional[float] = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Comparison:
+    task: str
+    split_note: str
+    scoring: str
+    sizes: dict[str, int]
+    methods: list[MethodResult]
+    sweeps: list[SweepResult]
+    seconds: float
+
+    def table(self) -> list[dict[str, Any]]:
+        """Rows of the results table, with 95 % bootstrap CIs and the paired test against vanilla."""
+        vanilla = self.methods[0].test.correct
+        rows = []
+        for method in self.methods:
+            mean, low, high = bootstrap_ci(method.test.correct)
+            rows.append({
+                "method": method.method, "steered": method.num_steered, "test_accuracy": round(100 * mean, 2),
+                "ci_low": round(100 * low, 2), "ci_high": round(100 * high, 2),
+                "p_vs_vanilla": None if method is self.methods[0] else paired_test(vanilla, method.test.correct),
+                "adapter_bytes": method.adapter_bytes, "fit_seconds": round(method.fit_seconds, 1),
+                "validation_accuracy": None if method.validation_accuracy is None else
+                round(100 * method.validation_accuracy, 2),
+                **({"also_" + name: round(100 * sum(v) / len(v), 2) for name, v in method.test.also.items()}),
+                "settings": method.settings,
+            })
+        return rows
+
+    def format_table(self) -> str:
+        lines = [f"{self.task}: test {self.sizes['test']} examples, scoring {self.scoring}; {self.split_note}",
+                 f"{'method':<20} {'#steered':>9} {'test accuracy (95 % CI)':>26} {'p vs vanilla':>12} "
+                 f"{'adapter bytes':>13} {'fit s':>7}  settings"]
+        for row in self.table():
+            accuracy = f"{row['test_accuracy']:.1f} ({row['ci_low']:.1f}–{row['ci_high']:.1f})"
+            p_value = "" if row["p_vs_vanilla"] is None else f"{row['p_vs_vanilla']:.3g}"
+            settings = ", ".join(f"{key}={value}" for key, value in row["settings"].items())
+            lines.append(f"{row['method']:<20} {row['steered']:>9} {accuracy:>26} {p_value:>12} "
+                         f"{row['adapter_bytes']:>13} {row['fit_seconds']:>7.1f}  {settings}")
+        return "\n".join(lines)
+
+
+def compare_methods(
+    model: nn.Module,
+    tokenizer: Any,
+    task: Task,
+    *,
+    sites: Sequence[str] = ("attention", "ffn"),
+    ks: Sequence[int] = DEFAULT_KS,
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    baselines: Sequence[str] = BASELINES,
+    caa_multipliers: Sequence[float] = CAA_MULTIPLIERS,
+    scoring: Optional[str] = None,
+    batch_size: int = 16,
+    output_dir: Optional[Union[str, Path]] = None,
+    progress: bool = True,
+) -> Comparison:
+    """Fit, sweep on ``task.validation``, test once on ``task.test``: vanilla, AUSteer per site, then baselines.
+
+    ``model`` is a plain transformers model; it comes back wrapped (a PeftModel holding one adapter per AUSteer
+    method and ``block_level``), as with ``get_peft_model``.
+    """
+    unknown = [name for name in baselines if name not in BASELINES]
+    if unknown:
+        raise ValueError(f"Unknown baselines {unknown}; choose from {list(BASELINES)}.")
+    started = time.perf_counter()
+    output = Path(output_dir) if output_dir is not None else None
+    if output is not None:
+        (output / "adapters").mkdir(parents=True, exist_ok=True)
+    pairs = task.pairs("fit")
+
+    def evaluate(current, split):
+        return evaluate_split(current, tokenizer, task, split, scoring, batch_size=batch_size, progress=progress)
+
+    vanilla_validation, vanilla_test = evaluate(model, "validation"), evaluate(model, "test")
+    methods = [MethodResult("vanilla", 0, vanilla_test, 0, 0.0, vanilla_validation.accuracy)]
+    sweeps: list[SweepResult] = []
+
+    # AUSteer: one momentum pass over all sites, one sweep per site.
+    fit_started = time.perf_counter()
+    scores = compute_momentum(model, tokenizer, pairs, sites=list(sites), batch_size=batch_size, progress=progress)
+    fit_seconds = time.perf_counter() - fit_started
+    if output is not None:
+        scores.save(output / "scores.safetensors")
+    peft_model, best_austeer = model, None
+    for site in sites:
+        name = f"austeer_{site}"
+        sweep, peft_model = sweep_k_alpha(peft_model, tokenizer, scores_for_sites(scores, site), task, "validation",
+                                          ks, alphas, scoring=scoring, batch_size=batch_size, adapter_name=name,
+                                          method=f"AUSteer-{site}", vanilla=vanilla_validation, progress=progress)
+        sweeps.append(sweep)
+        result = MethodResult(sweep.method, sweep.best.num_aus, evaluate(peft_model, "test"),
+                              _adapter_bytes(peft_model, name, output), fit_seconds, sweep.best.accuracy,
+                              {"k": sweep.best.k, "alpha": sweep.best.alpha})
+        methods.append(result)
+        if best_austeer is None or sweep.best.accuracy > best_austeer[1].best.accuracy:
+            best_austeer = (name, sweep, [au.module for au in peft_model.get_aus(name)])
+
+    if "block" in baselines:
+        name, sweep, steered_modules = best_austeer
+        blocks = list(dict.fromkeys(steered_modules))
+        site_scores = scores_for_sites(scores, name.removeprefix("austeer_"))
+        peft_model = site_scores.to_adapter(1, 1.0, peft_model, adapter_name="block_level")
+        cells = [(None, alpha, block_level_aus(site_scores, blocks, alpha)) for alpha in alphas]
+        cells = [(len(aus), alpha, aus) for _, alpha, aus in cells]
+        block_sweep, peft_model = sweep_aus(peft_model, tokenizer, task, cells, "validation",
+                                            adapter_name="block_level", method="block-level", scoring=scoring,
+                                            batch_size=batch_size, vanilla=vanilla_validation, progress=progress)
+        sweeps.append(block_sweep)
+        methods.append(MethodResult("block-level", block_sweep.best.num_aus, evaluate(peft_model, "test"),
+                                    _adapter_bytes(peft_model, "block_level", output), fit_seconds,
+                                    block_sweep.best.accuracy,
+                                    {"blocks": blocks, "alpha": block_sweep.best.alpha}))
+
+    if "caa" in baselines:
+        methods.append(_caa(peft_model, tokenizer, task, pairs, caa_multipliers, evaluate, sweeps, vanilla_validation,
+                            batch_size, output, progress))
+
+    comparison = Comparison(task.name, task.split_note, vanilla_test.scoring, task.sizes, methods, sweeps,
+                            time.perf_counter() - started)
+    if output is not None:
+        _write_outputs(comparison, scores, peft_model, output)
+    return comparison
+
+
+def _caa(model, tokenizer, task, pairs, multipliers, evaluate, sweeps, vanilla_validation, batch_size, output,
+         progress) -> MethodResult:
+    """CAA: one pass for the vectors of all layers, a (layer, multiplier) sweep on validation, one test run."""
+    from peft import PeftModel
+
+    disabled = model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
+    fit_started = time.perf_counter()
+    vectors = caa_vectors(model, tokenizer, pairs, batch_size=batch_size, progress=progress)
+    fit_seconds = time.perf_counter() - fit_started
+    cells = []
+    with disabled:
+        for layer in caa_layers(vectors.vectors.shape[0]):
+            for multiplier in multipliers:
+                with caa_steering(model, layer, vectors.vectors[layer], multiplier):
+                    result = evaluate(model, "validation")
+                cells.append(SweepCell(layer, multiplier, result.accuracy, vectors.vectors.shape[1], result.correct))
+        sweep = SweepResult("CAA", cells, vanilla_validation, vanilla_validation.scoring,
+                            len(vanilla_validation.correct), time.perf_counter() - fit_started - fit_seconds,
+                            axes=("layer", "multiplier"))
+        best = max(cells, key=lambda cell: (cell.accuracy, -cell.alpha))  # ties: the weaker multiplier
+        with caa_steering(model, best.k, vectors.vectors[best.k], best.alpha):
+            test = evaluate(model, "test")
+    sweeps.append(sweep)
+    size = vectors.save(output / "adapters" / "caa.safetensors", best.k) if output is not None else \
+        4 * vectors.vectors.shape[1]
+    return MethodResult("CAA", vectors.vectors.shape[1], test, size, fit_seconds, best.accuracy,
+                        {"layer": best.k, "multiplier": best.alpha})
+
+
+def _adapter_bytes(peft_model, adapter_name: str, output: Optional[Path]) -> int:
+    """Size of the adapter's weights file as saved (into ``output/adapters/<name>/`` or a temporary folder)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = output / "adapters" if output is not None else Path(scratch)
+        peft_model.save_pretrained(str(folder), selected_adapters=[adapter_name])
+        saved = folder / adapter_name if adapter_name != "default" else folder
+        return (saved / "adapter_model.safetensors").stat().st_size
+
+
+def _write_outputs(comparison: Comparison, scores, peft_model, output: Path) -> None:
+    summary = {"task": comparison.task, "split_note": comparison.split_note, "scoring": comparison.scoring,
+               "sizes": comparison.sizes, "seconds": round(comparison.seconds, 1), "results": comparison.table(),
+               "sweep_seconds": {sweep.method: round(sweep.seconds, 1) for sweep in comparison.sweeps}}
+    (output / "results.json").write_text(json.dumps(summary, indent=2))
+    write_sweep_csv(comparison.sweeps, output / "sweep.csv")
+    try:
+        from .plots import plot_au_locations, plot_sweep_heatmap
+
+        for sweep in comparison.sweeps:
+            if sweep.method.startswith("AUSteer"):
+                plot_sweep_heatmap(sweep, output / f"heatmap_{sweep.method.removeprefix('AUSteer-')}.png")
+        austeer = {name: peft_model.get_aus(name) for name in peft_model.peft_config if name.startswith("austeer_")}
+        plot_au_locations(austeer, scores.modules, output / "au_locations.png")
+    except ImportError as error:
+        warnings.warn(f"No figures written: {error}", stacklevel=2)

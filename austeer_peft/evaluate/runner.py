@@ -1,0 +1,236 @@
+"""Run a model over a task split and score it: the one place that turns (model, tokenizer, split) into per-example
+correctness, for the sweep, the baselines, the CLI and the demo alike.
+
+Scoring methods (see :mod:`austeer_peft.evaluate.scoring` for the pure functions):
+
+* ``"restricted"`` -- choice tasks: argmax among the choices' first-token logits at the prompt's last token (one
+  forward per batch, logits for the last position only). Equal to ``"loglik"`` when every choice is one token.
+* ``"greedy"`` -- choice tasks, the paper's metric: the greedy next token over the whole vocabulary must be the
+  correct choice's first token. Computed from the same forward as ``"restricted"``.
+* ``"loglik"`` -- choice tasks: summed log-probability of each option's whole continuation (one sequence per option).
+* ``"number"`` -- generation tasks: greedy decoding of ``max_new_tokens``, then exact match of the last number.
+
+Batches are sorted by length and left-padded, with position ids counted from each row's first real token, so a
+row's result does not depend on what it is batched with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+from datasets import Dataset
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..fit import _accepts, _base_model, _input_device
+from ..fit import _pad_token_id as _pad_id
+from .scoring import (
+    choice_token_ids,
+    continuation_logprobs,
+    generation_correct,
+    greedy_choice_correct,
+    loglik_choice_correct,
+    restricted_choice_correct,
+)
+from .tasks import Task
+
+SCORINGS = ("restricted", "greedy", "loglik", "number")
+STOP_STRINGS = ("\n\n", "Question:")  # a generated answer ends where the model starts a new paragraph or problem
+
+
+@dataclass
+class SplitResult:
+    """Per-example correctness of one split under one scoring method (and the others its forward gave for free)."""
+
+    scoring: str
+    correct: list[bool]
+    also: dict[str, list[bool]]  # e.g. {"greedy": [...]} next to "restricted"
+    forwards: int  # model forward (or generate) calls made
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.correct) / len(self.correct)
+
+
+def default_scoring(task: Task) -> str:
+    """``"number"`` for generation tasks, ``"restricted"`` when all rows share their choices, else ``"loglik"``."""
+    if task.kind == "generation":
+        return "number"
+    return "restricted" if task.choices is not None else "loglik"
+
+
+def evaluate_split(
+    model: nn.Module,
+    tokenizer: Any,
+    task: Task,
+    split: Union[str, Dataset] = "test",
+    scoring: Optional[str] = None,
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 12,
+    progress: bool = False,
+) -> SplitResult:
+    """Score ``model`` on a split of ``task`` (a split name or a ``Dataset`` with the task's columns)."""
+    data = task.split(split) if isinstance(split, str) else split
+    if len(data) == 0:
+        raise ValueError(f"The {split if isinstance(split, str) else 'given'} split of {task.name} is empty.")
+    scoring = scoring or default_scoring(task)
+    if scoring not in SCORINGS:
+        raise ValueError(f"Unknown scoring {scoring!r}; expected one of {', '.join(SCORINGS)}.")
+    if (scoring == "number") != (task.kind == "generation"):
+        expected = "'number'" if task.kind == "generation" else "'restricted', 'greedy' or 'loglik'"
+        raise ValueError(f"Scoring {scoring!r} does not fit the {task.kind} task {task.name}; use {expected}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+    if scoring in ("restricted", "greedy") and task.choices is None:
+        raise ValueError(f"Scoring {scoring!r} needs choices shared by every row; {task.name} has per-row choices, "
+                         "so use scoring='loglik'.")
+
+    with torch.inference_mode():
+        if scoring == "number":
+            return _score_generation(model, tokenizer, data, batch_size, max_new_tokens, progress)
+        if scoring == "loglik":
+            return _score_loglik(model, tokenizer, data, batch_size, progress)
+        return _score_first_token(model, tokenizer, task, data, scoring, batch_size, progress)
+
+
+# ------------------------------------------------------------------------------------------------ first token
+
+
+def _score_first_token(model, tokenizer, task, data, scoring, batch_size, progress) -> SplitResult:
+    choice_ids = choice_token_ids(tokenizer, task.choices, prompt=data[0]["prompt"])
+    prompts, labels = list(data["prompt"]), list(data["label"])
+    restricted, greedy = [None] * len(prompts), [None] * len(prompts)
+    forwards = 0
+    for rows, batch in tqdm(list(_left_padded_batches(tokenizer, prompts, batch_size)), desc="scoring",
+                            unit="batch", disable=not progress):
+        logits = _next_token_logits(model, batch)
+        forwards += 1
+        row_labels = [labels[i] for i in rows]
+        for i, r, g in zip(rows, restricted_choice_correct(logits, choice_ids, row_labels),
+                           greedy_choice_correct(logits, choice_ids, row_labels)):
+            restricted[i], greedy[i] = r, g
+    results = {"restricted": restricted, "greedy": greedy}
+    other = "greedy" if scoring == "restricted" else "restricted"
+    return SplitResult(scoring, results[scoring], {other: results[other]}, forwards)
+
+
+def _next_token_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits [batch, vocab] at the last position of left-padded inputs (the LM head runs on that position only)."""
+    base = _base_model(model)
+    inputs = dict(batch)
+    if not _accepts(base, "position_ids"):
+        inputs.pop("position_ids")
+    if _accepts(base, "logits_to_keep"):
+        inputs["logits_to_keep"] = 1
+    device = _input_device(base)
+    outputs = model(**{name: value.to(device) for name, value in inputs.items() if torch.is_tensor(value)},
+                    **{name: value for name, value in inputs.items() if not torch.is_tensor(value)}, use_cache=False)
+    return outputs.logits[:, -1].float().cpu()
+
+
+# ------------------------------------------------------------------------------------------------ log-likelihood
+
+
+def _score_loglik(model, tokenizer, data, batch_size, progress) -> SplitResult:
+    sequences, spans, owners = [], [], []  # one sequence per (example, option)
+    for example, row in enumerate(data):
+        prompt_ids = _encode(tokenizer, row["prompt"])
+        for option in row["choices"]:
+            full = _encode(tokenizer, row["prompt"] + option)
+            shared = _common_prefix(prompt_ids, full)
+            if shared == 0 or shared == len(full):
+                raise ValueError(f"Example {example}: option {option!r} cannot be scored after its prompt (it adds no "
+                                 "token, or the prompt tokenizes to nothing).")
+            sequences.append(full)
+            spans.append(shared)
+            owners.append(example)
+    totals = [0.0] * len(sequences)
+    forwards = 0
+    order = sorted(range(len(sequences)), key=lambda j: -len(sequences[j]))
+    for start in tqdm(range(0, len(order), batch_size), desc="scoring", unit="batch", disable=not progress):
+        chunk = order[start:start + batch_size]
+        batch = _pad_left([sequences[j] for j in chunk], _pad_id(tokenizer))
+        width = batch["input_ids"].shape[1]
+        mask = torch.zeros_like(batch["input_ids"])
+        for row, j in enumerate(chunk):
+            mask[row, width - len(sequences[j]) + spans[j]:] = 1
+        logits = _all_logits(model, batch)
+        forwards += 1
+        for row, value in zip(chunk, continuation_logprobs(logits, batch["input_ids"], mask).tolist()):
+            totals[row] = value
+    option_logprobs: list[list[float]] = [[] for _ in range(len(data))]
+    for owner, total in zip(owners, totals):
+        option_logprobs[owner].append(total)
+    return SplitResult("loglik", loglik_choice_correct(option_logprobs, list(data["label"])), {}, forwards)
+
+
+def _all_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    base = _base_model(model)
+    inputs = dict(batch)
+    if not _accepts(base, "position_ids"):
+        inputs.pop("position_ids")
+    device = _input_device(base)
+    return model(**{name: value.to(device) for name, value in inputs.items()}, use_cache=False).logits.float().cpu()
+
+
+# ------------------------------------------------------------------------------------------------ generation
+
+
+def _score_generation(model, tokenizer, data, batch_size, max_new_tokens, progress) -> SplitResult:
+    prompts, answers = list(data["prompt"]), list(data["answer"])
+    texts = [""] * len(prompts)
+    forwards = 0
+    pad_id = _pad_id(tokenizer)
+    device = _input_device(_base_model(model))
+    for rows, batch in tqdm(list(_left_padded_batches(tokenizer, prompts, batch_size)), desc="generating",
+                            unit="batch", disable=not progress):
+        width = batch["input_ids"].shape[1]
+        output = model.generate(input_ids=batch["input_ids"].to(device),
+                                attention_mask=batch["attention_mask"].to(device), max_new_tokens=max_new_tokens,
+                                do_sample=False, pad_token_id=pad_id)
+        forwards += 1
+        for i, tokens in zip(rows, output[:, width:]):
+            texts[i] = tokenizer.decode(tokens, skip_special_tokens=True)
+    correct = generation_correct(texts, answers, stop=STOP_STRINGS)
+    return SplitResult("number", correct, {}, forwards)
+
+
+# ------------------------------------------------------------------------------------------------ batching
+
+
+def _left_padded_batches(tokenizer, prompts: Sequence[str], batch_size: int):
+    """(row indices, batch) pairs over prompts sorted by length, longest first."""
+    encoded = [_encode(tokenizer, prompt, special_tokens=True) for prompt in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    pad_id = _pad_id(tokenizer)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        yield rows, _pad_left([encoded[i] for i in rows], pad_id)
+
+
+def _pad_left(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, width - len(sequence):] = torch.tensor(sequence)
+        attention_mask[row, width - len(sequence):] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+
+
+def _encode(tokenizer, text: str, special_tokens: bool = True) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special_tokens)["input_ids"])
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    shared = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        shared += 1
+    return shared

@@ -1,0 +1,162 @@
+"""The (k, α) sweep: every cell of a grid is an adapter built from one MomentumScores table (no new momentum pass),
+scored on a small validation split; the best cell is kept.
+
+The grid of the issue/paper: k in {1, 2, 4, 8, 16, 32, 64, 100} and α in {1, 2, 5, 10, 20, 50, 100}. The best cell is
+the most accurate one; ties go to fewer AUs, then to the smaller α (steer less).
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from datasets import Dataset
+from torch import nn
+from tqdm.auto import tqdm
+
+from .evaluate.runner import SplitResult, evaluate_split
+from .evaluate.tasks import Task
+from .model import AU
+from .momentum import MomentumScores, _check_alpha
+
+DEFAULT_KS = (1, 2, 4, 8, 16, 32, 64, 100)
+DEFAULT_ALPHAS = (1, 2, 5, 10, 20, 50, 100)
+
+
+@dataclass
+class SweepCell:
+    """One scored grid cell: ``num_aus`` steered activations at strength ``alpha``."""
+
+    k: int
+    alpha: float
+    accuracy: float
+    num_aus: int
+    correct: list[bool] = field(repr=False)
+
+
+@dataclass
+class SweepResult:
+    """All cells of one method's sweep on one split, in grid order, and the vanilla score on the same split."""
+
+    method: str
+    cells: list[SweepCell]
+    vanilla: Optional[SplitResult]
+    scoring: str
+    num_examples: int
+    seconds: float
+    axes: tuple[str, str] = ("k", "alpha")  # what a cell's two settings are called (CAA: layer, multiplier)
+
+    @property
+    def best(self) -> SweepCell:
+        """Most accurate cell; ties: fewer steered activations, then smaller α."""
+        return max(self.cells, key=lambda cell: (cell.accuracy, -cell.num_aus, -cell.alpha))
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One flat dict per cell, as written to ``sweep.csv``."""
+        best = self.best
+        first, second = self.axes
+        return [{"method": self.method, first: cell.k, second: cell.alpha, "num_steered": cell.num_aus,
+                 "accuracy": round(cell.accuracy, 6), "num_examples": self.num_examples, "scoring": self.scoring,
+                 "best": cell is best} for cell in self.cells]
+
+
+def sweep_k_alpha(
+    model: nn.Module,
+    tokenizer: Any,
+    scores: MomentumScores,
+    task: Task,
+    split: Union[str, Dataset] = "validation",
+    ks: Sequence[int] = DEFAULT_KS,
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    *,
+    scoring: Optional[str] = None,
+    batch_size: int = 16,
+    adapter_name: str = "default",
+    method: str = "austeer",
+    vanilla: Optional[SplitResult] = None,
+    progress: bool = True,
+):
+    """Score every (k, α) cell on ``split`` and leave the best one set on the returned PeftModel.
+
+    ``model`` is the base model the scores were counted on, or a PeftModel holding it (``adapter_name`` is added or
+    replaced). Values of ``k`` above the number of candidate AUs are dropped. ``vanilla`` (the unsteered result on
+    the same split) is computed once if not given. Returns ``(SweepResult, peft_model)``.
+    """
+    ks = sorted({k for k in ks if k <= scores.num_aus})
+    if not ks:
+        raise ValueError(f"No k of the grid fits the {scores.num_aus} candidate AUs; use smaller values of k.")
+    alphas = [_check_alpha(alpha) for alpha in alphas]
+    cells = [(k, alpha, scores.select(k, alpha)) for k in ks for alpha in alphas]
+    peft_model = scores.to_adapter(ks[0], alphas[0], model, adapter_name=adapter_name)
+    return _sweep(peft_model, tokenizer, task, split, cells, adapter_name, method, scoring, batch_size, vanilla,
+                  progress)
+
+
+def sweep_aus(
+    peft_model: nn.Module,
+    tokenizer: Any,
+    task: Task,
+    cells: Sequence[tuple[int, float, list[AU]]],
+    split: Union[str, Dataset] = "validation",
+    *,
+    adapter_name: str = "default",
+    method: str = "austeer",
+    scoring: Optional[str] = None,
+    batch_size: int = 16,
+    vanilla: Optional[SplitResult] = None,
+    progress: bool = True,
+):
+    """Like :func:`sweep_k_alpha` for AU sets made by the caller (e.g. block-level steering): ``cells`` are
+    ``(k, alpha, aus)``; ``peft_model`` already has the AUSteer adapter ``adapter_name``."""
+    return _sweep(peft_model, tokenizer, task, split, list(cells), adapter_name, method, scoring, batch_size, vanilla,
+                  progress)
+
+
+def _sweep(peft_model, tokenizer, task, split, cells, adapter_name, method, scoring, batch_size, vanilla, progress):
+    started = time.perf_counter()
+    if vanilla is None:
+        with peft_model.disable_adapter():
+            vanilla = evaluate_split(peft_model, tokenizer, task, split, scoring, batch_size=batch_size)
+    scored = []
+    for k, alpha, aus in tqdm(cells, desc=f"sweep {method}", unit="cell", disable=not progress):
+        peft_model.set_aus(aus, adapter_name=adapter_name)
+        result = evaluate_split(peft_model, tokenizer, task, split, scoring, batch_size=batch_size)
+        scored.append(SweepCell(k, alpha, result.accuracy, len(aus), result.correct))
+    sweep = SweepResult(method, scored, vanilla, vanilla.scoring, len(vanilla.correct),
+                        time.perf_counter() - started)
+    best = sweep.best
+    best_aus = next(aus for k, alpha, aus in cells if (k, alpha) == (best.k, best.alpha))
+    peft_model.set_aus(best_aus, adapter_name=adapter_name)
+    config = peft_model.peft_config[adapter_name]
+    config.k, config.alpha = best.k, best.alpha
+    return sweep, peft_model
+
+
+def scores_for_sites(scores: MomentumScores, sites: Union[str, Sequence[str]]) -> MomentumScores:
+    """The part of a momentum table that lies on ``sites`` (one pass over several sites serves one sweep per site)."""
+    sites = [sites] if isinstance(sites, str) else list(sites)
+    if scores.sites is None or not set(sites) <= set(scores.sites):
+        raise ValueError(f"These scores were counted on sites={scores.sites}, not on {sites}.")
+    modules = [m for m in scores.modules if m.site in sites]
+    return MomentumScores(modules=modules, n_pos={m.name: scores.n_pos[m.name] for m in modules},
+                          n_neg={m.name: scores.n_neg[m.name] for m in modules}, num_pairs=scores.num_pairs,
+                          model_type=scores.model_type, sites=[s for s in scores.sites if s in sites])
+
+
+def write_sweep_csv(sweeps: Sequence[SweepResult], path: Union[str, Path]) -> Path:
+    """All cells of all sweeps in one CSV (one row per method and cell, with the vanilla score of its split)."""
+    path = Path(path)
+    rows = []
+    for sweep in sweeps:
+        vanilla = sweep.vanilla.accuracy if sweep.vanilla is not None else None
+        rows += [{**row, "vanilla_accuracy": None if vanilla is None else round(vanilla, 6)} for row in sweep.rows()]
+    columns = list(dict.fromkeys(column for row in rows for column in row))
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path

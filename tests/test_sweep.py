@@ -1,0 +1,252 @@
+"""The evaluation runner, the (k, α) sweep (one momentum pass, counted forwards), the baselines and the comparison."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+
+import pytest
+import torch
+from conftest import tiny_model
+from peft import PeftModel
+from test_fit import char_tokenizer
+
+from austeer_peft import AU, compute_momentum
+from austeer_peft import fit as fit_module
+from austeer_peft.baselines import block_level_aus, caa_layers, caa_steering, caa_vectors
+from austeer_peft.compare import compare_methods
+from austeer_peft.evaluate import load_user_task
+from austeer_peft.evaluate.runner import evaluate_split
+from austeer_peft.sites import find_decoder_layers
+from austeer_peft.sweep import scores_for_sites, sweep_k_alpha
+
+SITES = ["attention", "ffn"]
+
+
+def toy_task(n: int = 40, n_test: int = 12, n_validation: int = 10, seed: int = 0):
+    """A two-choice task over random letter strings: answers 'x' / 'y' (distinct first tokens for any tokenizer)."""
+    rng = random.Random(seed)
+    rows = [{"text": "".join(rng.choice("abcdef") for _ in range(rng.randint(2, 9))), "label": rng.randint(0, 1)}
+            for _ in range(n)]
+    return load_user_task(rows, "{text}:", choices=["x", "y"], n_test=n_test, n_validation=n_validation)
+
+
+class ForwardCounter:
+    """Counts calls of a module's forward (a pre-hook), e.g. the decoder's, to see how many passes a job makes."""
+
+    def __init__(self, module):
+        self.calls = 0
+        self.handle = module.register_forward_pre_hook(self._count)
+
+    def _count(self, module, args):
+        self.calls += 1
+
+
+# ---------------------------------------------------------------------------------------------------- runner
+
+
+def test_restricted_and_greedy_match_a_per_example_reference():
+    model, tokenizer, task = tiny_model("llama"), char_tokenizer(), toy_task()
+    result = evaluate_split(model, tokenizer, task, "test", batch_size=5)
+    x, y = tokenizer.convert_tokens_to_ids(["x", "y"])
+    restricted, greedy = [], []
+    for row in task.test:
+        with torch.no_grad():
+            last = model(torch.tensor([tokenizer(row["prompt"])["input_ids"]])).logits[0, -1]
+        correct_id = (x, y)[row["label"]]
+        restricted.append(int(last[[x, y]].argmax()) == row["label"])
+        greedy.append(int(last.argmax()) == correct_id)
+    assert result.scoring == "restricted" and result.correct == restricted
+    assert result.also["greedy"] == greedy
+    assert result.forwards == 3  # 12 examples in batches of 5
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_results_do_not_depend_on_batching(family):
+    model, tokenizer, task = tiny_model(family), char_tokenizer(), toy_task()
+    one = evaluate_split(model, tokenizer, task, "test", batch_size=1)
+    many = evaluate_split(model, tokenizer, task, "test", batch_size=7)
+    assert one.correct == many.correct and one.also == many.also
+
+
+def test_loglik_equals_restricted_for_one_token_choices():
+    model, tokenizer, task = tiny_model("qwen2"), char_tokenizer(), toy_task()
+    restricted = evaluate_split(model, tokenizer, task, "test", "restricted", batch_size=4)
+    loglik = evaluate_split(model, tokenizer, task, "test", "loglik", batch_size=4)
+    assert loglik.correct == restricted.correct
+
+
+def test_generation_scoring_reads_the_last_number():
+    rows = [{"q": f"{a}+{b}=", "answer": a + b} for a in range(3) for b in range(3)]
+    task = load_user_task(rows, "{q}", answer_column="answer", n_test=5, n_validation=1)
+    model, tokenizer = tiny_model("llama"), char_tokenizer()
+    result = evaluate_split(model, tokenizer, task, "test", batch_size=2, max_new_tokens=3)
+    texts = []
+    for row in task.test:
+        ids = torch.tensor([tokenizer(row["prompt"])["input_ids"]])
+        output = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        texts.append(tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True))
+    from austeer_peft.evaluate import generation_correct
+
+    assert result.scoring == "number" and result.correct == generation_correct(texts, task.test["answer"],
+                                                                                stop=["\n\n", "Question:"])
+
+
+def test_runner_rejects_a_scoring_that_does_not_fit_the_task():
+    model, tokenizer, task = tiny_model("llama"), char_tokenizer(), toy_task()
+    with pytest.raises(ValueError, match="does not fit the choice task"):
+        evaluate_split(model, tokenizer, task, "test", "number")
+    with pytest.raises(ValueError, match="Unknown scoring"):
+        evaluate_split(model, tokenizer, task, "test", "bleu")
+
+
+# ---------------------------------------------------------------------------------------------------- sweep
+
+
+def test_sweep_reuses_one_momentum_pass_and_counts_its_forwards(monkeypatch):
+    model, tokenizer, task = tiny_model("llama"), char_tokenizer(), toy_task()
+    scores = compute_momentum(model, tokenizer, task.pairs("fit"), sites=SITES, progress=False)
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the sweep must not run another momentum pass")
+
+    monkeypatch.setattr(fit_module, "compute_momentum", no_pass)
+    monkeypatch.setattr(fit_module.MomentumCounter, "count_batch", no_pass)
+    counter = ForwardCounter(model.model)
+    ks, alphas = [1, 2, 4, 8], [1.0, 5.0, 50.0]
+    sweep, peft_model = sweep_k_alpha(model, tokenizer, scores, task, "validation", ks, alphas, batch_size=4,
+                                      progress=False)
+    batches = -(-len(task.validation) // 4)
+    assert len(sweep.cells) == len(ks) * len(alphas)
+    assert counter.calls == (1 + len(ks) * len(alphas)) * batches  # vanilla + one evaluation per cell, nothing more
+    # The model is left steered by the best cell, and its score is reproduced by a fresh evaluation.
+    best = sweep.best
+    expected = scores.select(best.k, best.alpha)
+    steered = peft_model.get_aus()
+    assert [(au.module, au.dim) for au in steered] == [(au.module, au.dim) for au in sorted(expected)]
+    assert [au.gamma for au in steered] == pytest.approx([au.gamma for au in sorted(expected)], rel=1e-6)
+    assert evaluate_split(peft_model, tokenizer, task, "validation").accuracy == best.accuracy
+    config = peft_model.peft_config["default"]
+    assert (config.k, config.alpha) == (best.k, best.alpha)
+
+
+def test_each_cell_equals_a_separately_built_adapter():
+    model, tokenizer, task = tiny_model("gemma3_text"), char_tokenizer(), toy_task()
+    scores = compute_momentum(model, tokenizer, task.pairs("fit"), sites=SITES, progress=False)
+    sweep, peft_model = sweep_k_alpha(model, tokenizer, scores, task, "validation", [2, 8], [1.0, 20.0],
+                                      progress=False)
+    base = peft_model.unload()
+    for cell in sweep.cells:
+        fresh = scores.to_adapter(cell.k, cell.alpha, base)
+        assert evaluate_split(fresh, tokenizer, task, "validation").correct == cell.correct
+        base = fresh.unload()
+
+
+def test_best_cell_prefers_fewer_aus_then_smaller_alpha():
+    from austeer_peft.sweep import SweepCell, SweepResult
+
+    cells = [SweepCell(4, 1.0, 0.7, 4, []), SweepCell(1, 50.0, 0.7, 1, []), SweepCell(1, 5.0, 0.7, 1, []),
+             SweepCell(8, 1.0, 0.6, 8, [])]
+    assert SweepResult("m", cells, None, "restricted", 10, 0.0).best is cells[2]
+
+
+def test_grid_values_of_k_above_the_number_of_aus_are_dropped():
+    model, tokenizer, task = tiny_model("llama"), char_tokenizer(), toy_task()
+    scores = compute_momentum(model, tokenizer, task.pairs("fit"), sites=["attention"], progress=False)
+    sweep, _ = sweep_k_alpha(model, tokenizer, scores, task, "validation", [1, scores.num_aus + 1], [1.0],
+                             progress=False)
+    assert [cell.k for cell in sweep.cells] == [1]
+
+
+def test_scores_for_sites_keeps_one_sites_counts():
+    model, tokenizer, task = tiny_model("llama"), char_tokenizer(), toy_task()
+    scores = compute_momentum(model, tokenizer, task.pairs("fit"), sites=SITES, progress=False)
+    ffn = scores_for_sites(scores, "ffn")
+    alone = compute_momentum(tiny_model("llama"), tokenizer, task.pairs("fit"), sites=["ffn"], progress=False)
+    assert [m.name for m in ffn.modules] == [m.name for m in alone.modules]
+    assert all(torch.equal(ffn.n_pos[m], alone.n_pos[m]) and torch.equal(ffn.n_neg[m], alone.n_neg[m])
+               for m in alone.n_pos)
+    with pytest.raises(ValueError, match="counted on sites"):
+        scores_for_sites(ffn, "attention")
+
+
+# ---------------------------------------------------------------------------------------------------- baselines
+
+
+def test_block_level_steers_every_dimension_with_the_austeer_rule():
+    model, tokenizer, task = tiny_model("llama"), char_tokenizer(), toy_task()
+    scores = compute_momentum(model, tokenizer, task.pairs("fit"), sites=["ffn"], progress=False)
+    name = scores.modules[1].name
+    aus = block_level_aus(scores, [name], alpha=10.0)
+    assert [au.dim for au in aus] == list(range(scores.modules[1].width))
+    for au in aus:
+        pos, neg = int(scores.n_pos[name][au.dim]), int(scores.n_neg[name][au.dim])
+        expected = 10.0 * pos / scores.num_pairs if pos > neg else -10.0 * neg / scores.num_pairs
+        assert au == AU(name, au.dim, expected)
+    with pytest.raises(ValueError, match="no momentum counts"):
+        block_level_aus(scores, ["model.layers.9.mlp"], 1.0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_caa_vector_is_the_mean_last_token_difference(family):
+    model, tokenizer, task = tiny_model(family), char_tokenizer(), toy_task()
+    pairs = task.pairs("fit")[:9]
+    vectors = caa_vectors(model, tokenizer, pairs, batch_size=4, progress=False)
+    _, layers = find_decoder_layers(model)
+    reference = torch.zeros_like(vectors.vectors, dtype=torch.float64)
+    for pair in pairs:
+        for sign, text in ((1, pair.positive), (-1, pair.negative)):
+            outputs = model(torch.tensor([tokenizer(text)["input_ids"]]), output_hidden_states=True)
+            # hidden_states[i + 1] is layer i's output (the last one after the final norm, so read it by hook below)
+            for i in range(len(layers) - 1):
+                reference[i] += sign * outputs.hidden_states[i + 1][0, -1].double()
+    reference /= len(pairs)
+    torch.testing.assert_close(vectors.vectors[:-1].double(), reference[:-1], atol=1e-5, rtol=1e-4)
+    assert vectors.num_pairs == len(pairs)
+
+
+def test_caa_steering_adds_the_vector_at_every_position_and_is_removed():
+    model, tokenizer = tiny_model("llama"), char_tokenizer()
+    ids = torch.tensor([tokenizer("abc: x")["input_ids"]])
+    _, layers = find_decoder_layers(model)
+    seen = []
+    handle = layers[1].register_forward_hook(lambda m, a, out: seen.append(out if torch.is_tensor(out) else out[0]))
+    vector = torch.randn(model.config.hidden_size)
+    plain = model(ids).logits
+    with caa_steering(model, 0, vector, 2.0):
+        steered = model(ids).logits
+    again = model(ids).logits
+    handle.remove()
+    assert not torch.allclose(plain, steered) and torch.equal(plain, again)
+    assert len(seen) == 3
+    with pytest.raises(ValueError, match="out of range"):
+        with caa_steering(model, 7, vector, 1.0):
+            pass
+    assert caa_layers(30) == [7, 12, 14, 17, 22] and caa_layers(2) == [0, 1]
+
+
+# ---------------------------------------------------------------------------------------------------- comparison
+
+
+def test_compare_methods_writes_the_table_and_reloadable_adapters(tmp_path):
+    model, tokenizer, task = tiny_model("llama"), char_tokenizer(), toy_task()
+    comparison = compare_methods(model, tokenizer, task, ks=[1, 4], alphas=[1.0, 10.0], caa_multipliers=[1.0],
+                                 output_dir=tmp_path, progress=False)
+    table = comparison.table()
+    assert [row["method"] for row in table] == ["vanilla", "AUSteer-attention", "AUSteer-ffn", "block-level", "CAA"]
+    assert all(0 <= row["ci_low"] <= row["test_accuracy"] <= row["ci_high"] <= 100 for row in table)
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert summary["results"] == json.loads(json.dumps(table))
+    with open(tmp_path / "sweep.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 * 2 * 2 + 2 + len(caa_layers(2))  # two sites x grid, block-level alphas, CAA layers
+    assert {(tmp_path / f).exists() for f in ["heatmap_attention.png", "heatmap_ffn.png", "au_locations.png"]} == {True}
+    # Each saved AUSteer adapter reloads onto a fresh base model and reproduces its test accuracy.
+    for row in table[1:4]:
+        name = {"AUSteer-attention": "austeer_attention", "AUSteer-ffn": "austeer_ffn"}.get(row["method"],
+                                                                                             "block_level")
+        reloaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "adapters" / name)
+        accuracy = evaluate_split(reloaded, tokenizer, task, "test").accuracy
+        assert round(100 * accuracy, 2) == row["test_accuracy"]
+        assert row["adapter_bytes"] == (tmp_path / "adapters" / name / "adapter_model.safetensors").stat().st_size
