@@ -32,6 +32,13 @@ class AUSteerConfig(PeftConfig):
         position: ``"input"`` or ``"output"``; only used with ``target_modules``.
         k: number of AUs a fit keeps (top-k by activation momentum over all layers and sites).
         alpha: steering strength; a fitted AU gets ``γ = α·r_pos`` or ``γ = -α·r_neg``.
+        scope: which token positions are steered. ``"all"`` (default, as in the paper): every position, prompt and
+            generated. ``"generated"``: inside ``generate``, the generated tokens plus the last prompt position (the
+            one that predicts the first new token); in a plain forward, a call that starts a sequence (no or an empty
+            KV cache) steers only the last real token of each row, and a call that continues a KV cache steers all
+            its tokens. ``"from_position"``: every token whose position among its row's real tokens (left padding
+            not counted, the first token is 0) is at least ``scope_position``. Only ``"all"`` can be merged.
+        scope_position: the first steered position for ``scope="from_position"``.
         steered_modules: filled by the package: each module that carries AUs, mapped to its number of candidate
             AUs (its width). The adapter file indexes into this list; loading checks it against the base model.
         base_model_type: filled by the package: ``config.model_type`` of the model the AUs were chosen on.
@@ -42,6 +49,9 @@ class AUSteerConfig(PeftConfig):
     position: Literal["input", "output"] = field(default="output", metadata={"help": "Side of target_modules."})
     k: int = field(default=100, metadata={"help": "Number of AUs a fit keeps."})
     alpha: float = field(default=15.0, metadata={"help": "Steering strength α."})
+    scope: Literal["all", "generated", "from_position"] = field(
+        default="all", metadata={"help": "Steered positions: all | generated | from_position."})
+    scope_position: Optional[int] = field(default=None, metadata={"help": "First steered position (from_position)."})
     steered_modules: dict[str, int] = field(default_factory=dict, metadata={"help": "Filled on set_aus."})
     base_model_type: Optional[str] = field(default=None, metadata={"help": "Filled on set_aus."})
     modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Unused; PEFT API parity."})
@@ -71,3 +81,13 @@ class AUSteerConfig(PeftConfig):
                 or self.alpha <= 0:
             raise ValueError(f"`alpha` must be a finite number > 0 (typical range 1..100), got {self.alpha!r}.")
         self.alpha = float(self.alpha)
+        if self.scope not in ("all", "generated", "from_position"):
+            raise ValueError(f"`scope` must be 'all', 'generated' or 'from_position', got {self.scope!r}.")
+        if self.scope == "from_position":
+            if isinstance(self.scope_position, bool) or not isinstance(self.scope_position, int) \
+                    or self.scope_position < 0:
+                raise ValueError("scope='from_position' needs `scope_position`, the first steered token position (an "
+                                 f"integer >= 0, counted over each row's real tokens); got {self.scope_position!r}.")
+        elif self.scope_position is not None:
+            raise ValueError(f"`scope_position` is only used with scope='from_position', but scope={self.scope!r}; "
+                             "drop it or set scope='from_position'.")

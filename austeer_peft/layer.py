@@ -9,6 +9,8 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from .bnb import quantization_kind, refuse_8bit, scaled_4bit_weight
+from .precision import check_fp16_overflow
+from .experts import fused_experts_axis, put_columns_, steered_forward, take_columns
 from .sites import SiteModule, WeightSlice, merge_slices
 
 
@@ -35,6 +37,7 @@ class AUSteerLayer(nn.Module, BaseTunerLayer):
         self._merge_backups: dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
         self._active_adapter = adapter_name
         self._disable_adapters = False
+        self.token_positions: Optional[TokenPositions] = None  # set by AUSteerModel while an adapter has a scope
 
     def __getattr__(self, name: str) -> Any:
         # Model code reads attributes of the module it calls (e.g. `decoder_layer.attention_type`).
@@ -67,15 +70,28 @@ class AUSteerLayer(nn.Module, BaseTunerLayer):
             if adapter_name in buffers:
                 buffers[adapter_name] = buffers[adapter_name].to(device)
 
+    def _apply(self, fn, recurse: bool = True):
+        # `model.half()` / `.to(torch.bfloat16)` cast every floating buffer; γ keeps float32 and only moves device.
+        gammas = dict(self.austeer_gamma.items())
+        module = super()._apply(fn, recurse)
+        for name, gamma in gammas.items():
+            self.austeer_gamma[name] = gamma.to(self.austeer_gamma[name].device)
+        return module
+
     def _steering_adapters(self) -> list[str]:
         if self.disable_adapters:
             return []
         return [a for a in self.active_adapters if a in self.austeer_index and a not in self.merged_adapters]
 
     def _scale_(self, x: torch.Tensor, adapters: list[str]) -> torch.Tensor:
+        positions = self.token_positions
         for adapter in adapters:
             index = self.austeer_index[adapter]
             factor = (1.0 + self.austeer_gamma[adapter]).to(x.dtype)
+            if positions is not None and adapter in positions.scopes:
+                # Steer only some token positions: factor 1 elsewhere.
+                factor = torch.where(positions.mask(adapter, x)[..., None], factor, 1.0)
+            check_fp16_overflow(self, adapter, x, index, factor)
             x[..., index] *= factor
         return x
 
@@ -85,6 +101,14 @@ class AUSteerLayer(nn.Module, BaseTunerLayer):
         adapters = self._steering_adapters()
         if not adapters:
             return self.base_layer(*args, **kwargs)
+        if self.position == "input" and fused_experts_axis(self.base_layer) is not None:
+            # Expert-level AUs live inside the module: run it with scaled down_proj columns (see experts.py).
+            positions = getattr(self, "token_positions", None)
+            if positions is not None and any(a in positions.scopes for a in adapters):
+                raise ValueError(f"Expert-level AUs ({self.candidate.name}) scale expert weights, so they steer every "
+                                 "token; an adapter with a token scope cannot use them. Use scope='all' here.")
+            scales = [(self.austeer_index[a], 1.0 + self.austeer_gamma[a]) for a in adapters]
+            return steered_forward(self.base_layer, scales, args, kwargs)
         if self.position == "input":
             # The caller may still hold its tensor: scale a copy.
             if args:
@@ -139,6 +163,9 @@ class AUSteerLayer(nn.Module, BaseTunerLayer):
             if quantization_kind(weight) == "4bit":
                 setattr(owner, weight_slice.name, scaled_4bit_weight(weight, axis, index, factor))
                 old_weight = weight  # the whole packed parameter: restoring it is exact
+            elif weight_slice.experts:  # one column of one fused expert per AU, taken as [n, hidden]
+                old_weight = take_columns(weight.data, axis, index)
+                put_columns_(weight.data, axis, index, _scaled(old_weight, 0, factor))
             else:
                 old_weight = weight.data.index_select(axis, index)
                 new_weight = _scaled(old_weight, axis, factor)
@@ -176,6 +203,8 @@ class AUSteerLayer(nn.Module, BaseTunerLayer):
             index = self.austeer_index[adapter].to(weight.device)
             if quantization_kind(old_weight) == "4bit":
                 setattr(owner, weight_slice.name, old_weight)
+            elif weight_slice.experts:
+                put_columns_(weight.data, axis, index, old_weight)
             else:
                 weight.data.index_copy_(axis, index, old_weight)
             if old_bias is not None:
@@ -188,11 +217,67 @@ class AUSteerLayer(nn.Module, BaseTunerLayer):
         return f"austeer.AUSteerLayer({self.position}, aus={n})(\n  {self.base_layer!r}\n)"
 
 
+class TokenPositions:
+    """Where the tokens of the current forward sit, for adapters that steer only some positions (``scope`` other than
+    ``"all"``). AUSteerModel fills it from a pre-forward hook on the decoder stack, installed only while such an
+    adapter exists, so ``scope="all"`` costs nothing. Positions come from the 2D attention mask (each row's own left
+    padding, past tokens of the KV cache included) or, without one, from the KV cache length."""
+
+    def __init__(self) -> None:
+        self.scopes: dict[str, tuple[str, Optional[int]]] = {}  # adapter -> (scope, scope_position), not "all"
+        self.prompt_width: Optional[int] = None  # columns of the prompt while `generate` runs
+        self._shape: Optional[tuple[int, int]] = None
+        self._masks: dict[tuple[str, Optional[int]], torch.Tensor] = {}
+
+    def read_forward(self, inputs: torch.Tensor, attention_mask: Optional[torch.Tensor], past_key_values: Any) -> None:
+        """Record the positions of the `inputs` ([batch, tokens, ...]) of the forward that is starting."""
+        batch, tokens = inputs.shape[:2]
+        steps = torch.arange(tokens, device=inputs.device)
+        if attention_mask is not None and attention_mask.ndim == 2:
+            self._past = attention_mask.shape[1] - tokens
+            real = attention_mask[:, self._past:].bool()
+            # Index among the row's real tokens (left padding not counted); padding itself gets -1.
+            self._positions = (attention_mask.long().cumsum(-1)[:, self._past:] - 1).masked_fill(~real, -1)
+            last = (real.long() * (steps + 1)).argmax(-1)  # each row's last real token
+        else:
+            self._past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            self._positions = (self._past + steps).expand(batch, tokens)
+            last = torch.full((batch,), tokens - 1, device=inputs.device)
+        self._columns = self._past + steps
+        self._last = steps == last[:, None]
+        self._shape = (batch, tokens)
+        self._masks = {}
+
+    def mask(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
+        """Boolean mask over the token positions of `x` ([batch, tokens, width]): True where `adapter` steers."""
+        if self._shape is None or x[..., 0].numel() != self._shape[0] * self._shape[1]:
+            raise RuntimeError(
+                f"AUSteer adapter {adapter!r} steers only some token positions (scope={self.scopes[adapter][0]!r}), "
+                f"but the positions of this activation (shape {tuple(x.shape)}) are unknown: they are read when the "
+                f"model's decoder stack runs (last forward: batch x tokens = {self._shape}). Call the model, not one "
+                "of its submodules."
+            )
+        key = self.scopes[adapter]
+        if key not in self._masks:
+            scope, first = key
+            if scope == "from_position":
+                keep = self._positions >= first
+            elif self.prompt_width is not None:  # inside generate: the last prompt column onwards
+                keep = (self._columns >= self.prompt_width - 1).expand(self._shape)
+            elif self._past == 0:  # a forward that starts a sequence: the token that predicts the next one
+                keep = self._last
+            else:  # a forward that continues a KV cache: all its tokens are generated
+                keep = torch.ones(self._shape, dtype=torch.bool, device=self._columns.device)
+            self._masks[key] = keep
+        return self._masks[key].reshape(x.shape[:-1]).to(x.device)
+
+
 def _scaled(values: torch.Tensor, axis: int, factor: torch.Tensor) -> torch.Tensor:
     """`values` (slices along `axis`) times one float32 factor per slice, back in the values' dtype."""
     shape = [1] * values.ndim
     shape[axis] = -1
-    return (values.float() * factor.view(shape)).to(values.dtype)
+    dtype = torch.promote_types(values.dtype, torch.float32)  # at least float32; float64 weights keep float64
+    return (values.to(dtype) * factor.view(shape).to(dtype)).to(values.dtype)
 
 
 def _merge_stack(weight_slice: WeightSlice) -> list[tuple[AUSteerLayer, str]]:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
 from conftest import tiny_model
-from peft import PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from austeer_peft import AUSteerConfig, AUSteerLayer
+from test_core import logits
+from test_fit import char_tokenizer, random_pairs
+
+from austeer_peft import AUSteerConfig, AUSteerLayer, compute_momentum
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -23,6 +27,7 @@ from austeer_peft import AUSteerConfig, AUSteerLayer
     ({"alpha": float("nan")}, "finite number > 0"),
     ({"alpha": float("inf")}, "finite number > 0"),
     ({"alpha": 0}, "finite number > 0"),
+    ({"alpha": -1.0}, "finite number > 0"),
     ({"target_modules": ["o_proj"], "position": "middle"}, "'input' or 'output'"),
 ])
 def test_bad_config(kwargs, message):
@@ -113,10 +118,12 @@ def test_bad_adapter_table_is_refused_before_any_change(tmp_path, corrupt, messa
     assert _unchanged(base)
 
 
-def test_truncated_safetensors_is_refused(tmp_path):
+@pytest.mark.parametrize("damage", [lambda data: data[: len(data) // 2],  # truncated
+                                    lambda data: data[:8] + bytes(range(256)) * 4])  # header and data overwritten
+def test_truncated_or_corrupt_safetensors_is_refused(tmp_path, damage):
     path = _saved_adapter(tmp_path)
     data = (path / "adapter_model.safetensors").read_bytes()
-    (path / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    (path / "adapter_model.safetensors").write_bytes(damage(data))
     base = tiny_model("llama")
     with pytest.raises(Exception, match="(?i)safetensor|header|incomplete|invalid"):
         PeftModel.from_pretrained(base, path)
@@ -144,3 +151,102 @@ def test_quantized_like_weight_cannot_be_merged_silently():
     o_proj.weight = nn.Parameter(o_proj.weight.data.to(torch.int8), requires_grad=False)
     with pytest.raises(ValueError, match="not as floating point"):
         model.merge_and_unload()
+
+
+def test_pickled_adapter_is_refused_unless_the_user_opts_in(tmp_path, monkeypatch, input_ids):
+    model = get_peft_model(tiny_model("llama"), AUSteerConfig(sites="attention"))
+    model.set_aus([(("attention", 1), 3, 1.0)])
+    model.save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "adapter_model.bin").exists() and not (tmp_path / "adapter_model.safetensors").exists()
+    monkeypatch.delenv("AUSTEER_ALLOW_PICKLE", raising=False)
+    base = tiny_model("llama")
+    with pytest.raises(ValueError, match="adapter_model.bin is a pickle .* AUSTEER_ALLOW_PICKLE=1"):
+        PeftModel.from_pretrained(base, tmp_path)
+    assert _unchanged(base)
+    other = get_peft_model(tiny_model("llama"), AUSteerConfig(sites="attention"))
+    with pytest.raises(ValueError, match="AUSTEER_ALLOW_PICKLE=1"):
+        other.load_adapter(tmp_path, adapter_name="pickled")
+
+    monkeypatch.setenv("AUSTEER_ALLOW_PICKLE", "1")
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
+    assert loaded.get_aus() == model.get_aus()
+    assert torch.equal(logits(loaded, input_ids), logits(model, input_ids))
+
+
+def test_pickled_adapters_of_other_methods_still_load(tmp_path, monkeypatch):
+    monkeypatch.delenv("AUSTEER_ALLOW_PICKLE", raising=False)
+    model = get_peft_model(tiny_model("llama"), LoraConfig(target_modules=["q_proj"], init_lora_weights=False))
+    model.save_pretrained(tmp_path, safe_serialization=False)
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
+    assert torch.equal(loaded.state_dict()[key], model.state_dict()[key])
+
+
+def test_loading_into_an_existing_adapter_name_is_refused(tmp_path):
+    first = _saved_adapter(tmp_path / "first")
+    second = get_peft_model(tiny_model("llama"), AUSteerConfig(sites=["ffn"]))
+    second.set_aus([(("ffn", 1), 9, 2.0)])
+    second.save_pretrained(tmp_path / "second")
+    model = PeftModel.from_pretrained(tiny_model("llama"), first)
+    before = model.get_aus()
+    for path in (tmp_path / "second", first):
+        with pytest.raises(ValueError, match="Adapter 'default' already exists and has AUs.*adapter_name='other'"):
+            model.load_adapter(path, adapter_name="default")
+        assert model.get_aus() == before and model.peft_config["default"].sites == ["attention", "ffn"]
+    model.load_adapter(tmp_path / "second", adapter_name="other")  # a new name is fine
+    assert model.get_aus("other") == second.get_aus()
+
+
+def test_failed_load_adapter_leaves_no_adapter_behind(tmp_path):
+    path = _saved_adapter(tmp_path)
+    save_file({"austeer_table_index": torch.tensor([[7, 0]], dtype=torch.int32),
+               "austeer_table_gamma": torch.tensor([1.0])}, path / "adapter_model.safetensors")
+    model = get_peft_model(tiny_model("llama"), AUSteerConfig(sites="attention"))
+    with pytest.raises(ValueError, match="names module #7"):
+        model.load_adapter(path, adapter_name="broken")
+    assert list(model.peft_config) == ["default"]
+
+
+def test_deleting_the_active_adapter_activates_the_next_one_everywhere(input_ids):
+    only_b = get_peft_model(tiny_model("llama"), AUSteerConfig(sites=["ffn"]))
+    only_b.set_aus([(("ffn", 1), 2, 1.5)])
+    model = get_peft_model(tiny_model("llama"), AUSteerConfig(sites=["attention", "ffn"]))
+    model.set_aus([(("attention", 0), 1, 1.0)])
+    model.add_adapter("b", AUSteerConfig(sites=["ffn"]))
+    model.set_aus([(("ffn", 1), 2, 1.5)], adapter_name="b")
+    with pytest.warns(UserWarning, match="Adapter 'default' was active and is deleted; adapter 'b' is active now.*"
+                                         "set_adapter"):
+        model.delete_adapter("default")
+    assert model.active_adapters == ["b"]
+    assert all(m.active_adapters == ["b"] for m in model.modules() if isinstance(m, AUSteerLayer))
+    assert torch.equal(logits(model, input_ids), logits(only_b, input_ids))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.delete_adapter("b")  # the last one: nothing left to activate, nothing to warn about
+    assert model.active_adapters == [] and _unchanged(model)
+
+
+def test_tokenizer_without_pad_token_is_handled():
+    model, pairs = tiny_model("llama"), random_pairs(6, seed=2)
+    reference = compute_momentum(model, char_tokenizer(), pairs, sites=["ffn"], batch_size=3, progress=False)
+    for remove in (["pad_token"], ["pad_token", "eos_token"]):
+        tokenizer = char_tokenizer()
+        for name in remove:
+            setattr(tokenizer, name, None)
+        assert tokenizer.pad_token_id is None
+        scores = compute_momentum(model, tokenizer, pairs, sites=["ffn"], batch_size=3, progress=False)
+        for name in reference.n_pos:
+            assert torch.equal(scores.n_pos[name], reference.n_pos[name])
+            assert torch.equal(scores.n_neg[name], reference.n_neg[name])
+
+
+def test_inputs_longer_than_the_context_are_cut_from_the_left_with_a_warning():
+    model = tiny_model("llama")  # max_position_embeddings=64; the tokenizer sets no limit
+    pairs = [("x" * 90 + p, "y" * 80 + n) for p, n in random_pairs(4, seed=1)]
+    with pytest.warns(UserWarning, match="8 of 8 texts are longer than max_length=64 .* truncated from the left"):
+        scores = compute_momentum(model, char_tokenizer(), pairs, sites=["ffn"], progress=False)
+    cut = compute_momentum(model, char_tokenizer(), [(p[-64:], n[-64:]) for p, n in pairs], sites=["ffn"],
+                           progress=False)
+    for name in cut.n_pos:
+        assert torch.equal(scores.n_pos[name], cut.n_pos[name])
+        assert torch.equal(scores.n_neg[name], cut.n_neg[name])
