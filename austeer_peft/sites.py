@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .experts import fused_experts_axis, num_expert_units
+
 
 @dataclass(frozen=True)
 class Site:
@@ -31,8 +33,10 @@ SITES: dict[str, Site] = {
              "input of the attention output projection (concatenated head outputs), one AU per head dimension"),
         Site("ffn", "output", ("mlp", "feed_forward", "block_sparse_moe"),
              "output of the MLP block, before the residual add"),
-        Site("ffn_inner", "input", ("mlp.down_proj", "mlp.c_proj", "mlp.fc2", "feed_forward.w2"),
-             "input of the MLP's down projection, one weight column per AU"),
+        Site("ffn_inner", "input", ("mlp.down_proj", "mlp.c_proj", "mlp.fc2", "feed_forward.w2", "mlp.experts",
+                                    "block_sparse_moe.experts"),
+             "input of the MLP's down projection, one weight column per AU (on fused MoE experts: one column of one "
+             "expert, AU = expert * inner width + column)"),
         Site("residual", "output", ("",), "output hidden state of the decoder layer"),
     )
 }
@@ -122,6 +126,8 @@ def au_width(model: nn.Module, module: nn.Module, position: str) -> int:
     if is_linear_like(module):
         in_features, out_features = linear_features(module)
         return in_features if position == "input" else out_features
+    if position == "input" and fused_experts_axis(module) is not None:
+        return num_expert_units(module)  # the input of every expert's down projection (see experts.py)
     return hidden_size(model)
 
 
@@ -152,6 +158,13 @@ def candidate_modules(model: nn.Module, config) -> list[SiteModule]:
                     f"{type(model).__name__}: looked for modules {', '.join(repr(p) for p in site.paths)} under "
                     f"{layer_name!r}. For this architecture pass `target_modules=['<module name>']` with "
                     f"`position='{site.position}'` instead of `sites`."
+                )
+            if site_name == "ffn_inner" and not is_linear_like(unwrap(modules[name])) \
+                    and fused_experts_axis(unwrap(modules[name])) is None:
+                raise ValueError(
+                    f"Site 'ffn_inner' found {name!r} ({type(unwrap(modules[name])).__name__}), which is neither a "
+                    "down projection nor transformers fused experts. For experts stored as separate modules pass "
+                    "`target_modules=[r'.*experts\\.\\d+\\.down_proj']` with `position='input'` instead of `sites`."
                 )
             width = au_width(model, modules[name], site.position)
             candidates.append(SiteModule(name, site_name, layer, site.position, width))
@@ -188,6 +201,7 @@ class WeightSlice:
     name: str
     axis: int
     bias_name: Optional[str] = None
+    experts: bool = False  # a fused [experts, ...] weight: AU d is slice d % size(axis) of expert d // size(axis)
 
 
 def _linear_slice(module: nn.Module, side: str) -> WeightSlice:
@@ -208,6 +222,7 @@ def _block_output_slices(block: nn.Module, width: int) -> list[WeightSlice]:
     experts = getattr(block, "experts", None)
     if experts is None:
         return []
+    experts = unwrap(experts)  # wrapped when it also carries expert-level AUs: the weight's owner is the module
     slices = []
     if isinstance(experts, nn.ModuleList):  # one MLP module per expert
         for expert in experts:
@@ -237,6 +252,8 @@ def merge_slices(module: nn.Module, candidate: SiteModule) -> list[WeightSlice]:
     base = unwrap(module)
     if is_linear_like(base):
         return [_linear_slice(base, candidate.position)]
+    if candidate.position == "input" and fused_experts_axis(base) is not None:
+        return [WeightSlice(base, "down_proj", fused_experts_axis(base), experts=True)]
     slices = _block_output_slices(base, candidate.width) if candidate.position == "output" else []
     if not slices:
         raise ValueError(

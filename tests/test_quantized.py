@@ -1,4 +1,5 @@
-"""bitsandbytes models (4-bit nf4/fp4 and 8-bit run on CPU here): steer, load fp32 adapters, merge or refuse."""
+"""bitsandbytes models (4-bit nf4/fp4 and 8-bit run on CPU here): fit on them, steer, load fp32 adapters, merge or
+refuse."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import torch
 from conftest import quantized_copy, tiny_model
 from peft import PeftModel, get_peft_model
 from test_core import assert_only_dim_scaled, logits, spread_aus, steered_and_plain
+from test_fit import brute_force_counts, char_tokenizer, random_pairs
 
-from austeer_peft import AUSteerConfig, AUSteerLayer
+from austeer_peft import AUSteerConfig, AUSteerLayer, compute_momentum, fit_austeer
 from austeer_peft.bnb import dequantized_4bit
 
 FOUR_BIT = {"nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
@@ -97,3 +99,33 @@ def test_8bit_model_steers_and_merge_is_refused(tmp_path, input_ids):
     with pytest.raises(ValueError, match="8-bit.*merge into the fp16/fp32 model"):
         model.merge_and_unload()
     assert sum(isinstance(m, AUSteerLayer) for m in model.modules()) == 2  # nothing half-merged
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4", "int8"])
+def test_fit_on_quantized_model_counts_like_a_per_pair_reference_and_round_trips(kind, tmp_path, input_ids):
+    bnb_kwargs = FOUR_BIT.get(kind, dict(load_in_8bit=True))
+    quantized = quantized_copy(tiny_model("llama", hidden=64), tmp_path, **bnb_kwargs)
+    tokenizer, pairs = char_tokenizer(), random_pairs(8)
+    n_pos, n_neg = brute_force_counts(quantized, tokenizer, pairs, SITES)
+    fp32_scores = compute_momentum(tiny_model("llama", hidden=64), tokenizer, pairs, sites=SITES, progress=False)
+
+    result = fit_austeer(quantized, tokenizer, pairs, sites=SITES, k=20, alpha=15, batch_size=3, progress=False)
+    scores = result.scores
+    for m in scores.modules:  # the fit reads the quantized model's own activations, batched and padded
+        assert torch.equal(scores.n_pos[m.name], n_pos[m.name]), m.name
+        assert torch.equal(scores.n_neg[m.name], n_neg[m.name]), m.name
+    # Quantization perturbs activations, not what separates the pairs: the scores follow the fp32 model's.
+    s_quantized = torch.cat([scores.score(m.name) for m in scores.modules])
+    s_fp32 = torch.cat([fp32_scores.score(m.name) for m in scores.modules])
+    correlation = torch.corrcoef(torch.stack([s_quantized, s_fp32]))[0, 1].item()
+    top = {(au.module, au.dim) for au in result.peft_model.get_aus()}
+    overlap = len(top & {(au.module, au.dim) for au in fp32_scores.select(20, 15)}) / 20
+    print(f"\n{kind}: score correlation with fp32 {correlation:.2f}, top-20 overlap {overlap:.2f}")
+    assert correlation > 0.5
+
+    steered = logits(result.peft_model, input_ids)
+    result.peft_model.save_pretrained(tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(quantized_copy(tiny_model("llama", hidden=64), tmp_path / "again",
+                                                      **bnb_kwargs), tmp_path / "adapter")
+    assert sorted(loaded.get_aus()) == sorted(result.peft_model.get_aus())
+    assert torch.equal(logits(loaded, input_ids), steered)
