@@ -177,6 +177,8 @@ def run_fit(args: argparse.Namespace) -> int:
     result = fit_austeer(model, tokenizer, task.pairs("fit"), sites=args.sites, k=args.k, alpha=args.alpha,
                          batch_size=args.batch_size)
     seconds = time.perf_counter() - started
+    if not _is_main_process():  # under torchrun every process fits the same adapter; one writes it
+        return 0
     result.peft_model.save_pretrained(str(output / "adapter"))
     result.scores.save(output / "scores.safetensors")
     aus = result.peft_model.get_aus()
@@ -197,6 +199,7 @@ register_command(Command(
     "Count activation momentum over the contrastive pairs of a task's fit split, keep the top-k atomic\n"
     "units over all layers of the chosen sites and save the adapter (PEFT format), the full momentum table\n"
     "and results.json into --output.\n\n"
+    "Under torchrun (--nproc_per_node N) the pairs are split over the processes and only rank 0 writes.\n\n"
     "examples:\n"
     "  austeer fit --task sst2 --sites ffn --k 1 --alpha 50 --output out/\n"
     "  austeer fit --model gemma3-270m --task copa --sites attention ffn --output out-gemma/\n"
@@ -476,6 +479,12 @@ register_command(Command(
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
+
+
+def _is_main_process() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _aliases() -> list[str]:

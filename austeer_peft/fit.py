@@ -3,12 +3,20 @@
 One pass over the pairs with the unsteered model: each batch puts B positives and their B negatives through one
 forward, hooks turn the last-token activations into sign counts (see :mod:`austeer_peft.momentum`), and the forward
 stops right after the last candidate module. The top-k AUs by discriminative score become the adapter.
+
+Scaling out runs on the existing engines. A model dispatched with ``device_map`` (accelerate hooks, offload) is read
+and counted on each layer's own device. Under ``torchrun`` / ``accelerate launch`` every process passes the same
+pairs; each counts its share of the batches and the integer counts are summed with ``torch.distributed``, so every
+process ends with the scores (and adapter) of a single-process fit, byte for byte.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
+import json
+import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +41,7 @@ class FitResult:
 
     peft_model: Any  # peft.PeftModel
     scores: MomentumScores
+    auto: Optional[Any] = None  # austeer_peft.auto.AutoChoice when k or alpha was "auto"
 
 
 @dataclass
@@ -51,8 +60,8 @@ def fit_austeer(
     tokenizer: Any,
     pairs: Any,
     sites: Union[str, list[str], None] = None,
-    k: int = 100,
-    alpha: float = 15.0,
+    k: Union[int, str] = 100,
+    alpha: Union[float, str] = 15.0,
     *,
     target_modules: Union[str, list[str], None] = None,
     position: str = "output",
@@ -61,6 +70,8 @@ def fit_austeer(
     chat_template: bool = False,
     adapter_name: str = "default",
     progress: bool = True,
+    distributed: Optional[bool] = None,
+    holdout: float = 0.2,
 ) -> FitResult:
     """Fit an AUSteer adapter: count activation momentum on contrastive pairs, keep the top-k AUs, set γ from α.
 
@@ -71,8 +82,11 @@ def fit_austeer(
         pairs: ``(positive, negative)`` texts, ``(prompt, chosen, rejected)`` triples, or a ``datasets.Dataset`` with
             ``prompt``/``chosen``/``rejected`` columns (see :mod:`austeer_peft.pairs`).
         sites: ``"attention"``, ``"ffn"``, ``"ffn_inner"``, ``"residual"`` or a list of them (default attention).
-        k: number of AUs to steer (top-k over all layers and sites).
-        alpha: steering strength α; ``γ = α·r_pos`` for promoting AUs, ``-α·r_neg`` for suppressing ones.
+        k: number of AUs to steer (top-k over all layers and sites), or ``"auto"``.
+        alpha: steering strength α; ``γ = α·r_pos`` for promoting AUs, ``-α·r_neg`` for suppressing ones; or
+            ``"auto"``. With ``"auto"``, ``holdout`` of the pairs (8 to 64 of them) are set aside, the counts come
+            from the others, and the grid cell (k in 1..100, α in 1..100) that most raises the held-out pairs' mean
+            log-likelihood margin (positive over negative continuation) is kept; see :mod:`austeer_peft.auto`.
         target_modules, position: instead of ``sites``, module names whose input/output carries the AUs.
         batch_size: pairs per forward pass (each forward holds ``2 * batch_size`` sequences).
         max_length: longer sequences are cut from the left (the last token, where activations are read, survives);
@@ -80,12 +94,22 @@ def fit_austeer(
         chat_template: render each prompt as a user turn through the tokenizer's chat template (with the generation
             prompt) and append the answer to it.
         adapter_name: name of the fitted adapter.
-        progress: show a progress bar over batches.
+        progress: show a progress bar over batches (on the main process only).
+        distributed: split the pairs over the processes of torch.distributed's default group and sum their counts.
+            Default: yes when that group has more than one process (set up through accelerate's ``PartialState``
+            when ``torchrun`` / ``accelerate launch`` started the processes and nobody has yet). Every process must
+            pass the same pairs and arguments, and every process gets the same result; ``False`` fits each process
+            on its own pairs. Only the main process should write files: ``scores.save`` does so by itself,
+            ``save_pretrained`` takes ``is_main_process``.
 
     Returns:
         FitResult with ``peft_model`` (the model wrapped with the fitted adapter; the base model is modified in place,
         as ``get_peft_model`` does) and ``scores`` (the full MomentumScores).
     """
+    if k == "auto" or alpha == "auto":
+        return _fit_auto(model, tokenizer, pairs, sites, k, alpha, target_modules=target_modules, position=position,
+                         batch_size=batch_size, max_length=max_length, chat_template=chat_template,
+                         adapter_name=adapter_name, progress=progress, distributed=distributed, holdout=holdout)
     config = AUSteerConfig(sites=sites, target_modules=target_modules, position=position, k=k, alpha=alpha)
     candidates = candidate_modules(_base_model(model), config)
     num_aus = sum(c.width for c in candidates)
@@ -93,9 +117,27 @@ def fit_austeer(
         raise ValueError(f"k={config.k} is larger than the number of candidate AUs ({num_aus} over {len(candidates)} "
                          f"modules of sites {config.sites or config.target_modules}); use k <= {num_aus} or add sites.")
     scores = compute_momentum(model, tokenizer, pairs, config=config, batch_size=batch_size, max_length=max_length,
-                              chat_template=chat_template, progress=progress)
+                              chat_template=chat_template, progress=progress, distributed=distributed)
     peft_model = scores.to_adapter(config.k, config.alpha, model, adapter_name=adapter_name)
     return FitResult(peft_model=peft_model, scores=scores)
+
+
+def _fit_auto(model, tokenizer, pairs, sites, k, alpha, *, target_modules, position, batch_size, max_length,
+              chat_template, adapter_name, progress, distributed, holdout) -> FitResult:
+    """``fit_austeer`` with ``k="auto"`` and/or ``alpha="auto"``: count on most pairs, choose on the held-out rest."""
+    from .auto import choose_k_alpha, split_holdout
+    from .sweep import DEFAULT_ALPHAS, DEFAULT_KS
+
+    config = AUSteerConfig(sites=sites, target_modules=target_modules, position=position,
+                           k=1 if k == "auto" else k, alpha=1.0 if alpha == "auto" else alpha)  # checks the fixed one
+    counted, heldout = split_holdout(as_text_pairs(pairs, tokenizer, chat_template=chat_template), holdout)
+    scores = compute_momentum(model, tokenizer, counted, config=config, batch_size=batch_size, max_length=max_length,
+                              progress=progress, distributed=distributed)
+    choice, peft_model = choose_k_alpha(model, tokenizer, scores, heldout,
+                                        ks=DEFAULT_KS if k == "auto" else [config.k],
+                                        alphas=DEFAULT_ALPHAS if alpha == "auto" else [config.alpha],
+                                        batch_size=batch_size, adapter_name=adapter_name, progress=progress)
+    return FitResult(peft_model=peft_model, scores=scores, auto=choice)
 
 
 def compute_momentum(
@@ -111,6 +153,7 @@ def compute_momentum(
     max_length: Optional[int] = None,
     chat_template: bool = False,
     progress: bool = True,
+    distributed: Optional[bool] = None,
 ) -> MomentumScores:
     """The counting pass of :func:`fit_austeer` alone: MomentumScores for all candidate AUs, no adapter.
 
@@ -132,6 +175,11 @@ def compute_momentum(
     accepts_position_ids = _accepts(base_model, "position_ids")
     device = _input_device(base_model)
     batches = list(make_batches(token_pairs, batch_size, pad_id, padding_side))
+    shard = _data_parallel_shard(distributed, token_pairs, candidates, batch_size)
+    if shard is not None:
+        rank, world_size = shard
+        batches = shard_batches(batches, rank, world_size)
+        progress = progress and rank == 0
 
     counter = MomentumCounter(base_model, candidates)
     with contextlib.ExitStack() as stack:
@@ -146,6 +194,8 @@ def compute_momentum(
             if accepts_position_ids:
                 inputs["position_ids"] = batch.position_ids.to(device)
             counter.count_batch(lambda: base_model(**inputs), batch.last_token, batch.input_ids.shape[1])
+    if shard is not None:
+        counter.all_reduce()
 
     nonfinite = counter.nonfinite_modules()
     if nonfinite:
@@ -226,6 +276,19 @@ def make_batches(token_pairs: list[tuple[list[int], list[int]]], batch_size: int
         yield Batch(input_ids, attention_mask, position_ids, last_token, pair_indices)
 
 
+def shard_batches(batches: list[Batch], rank: int, world_size: int) -> list[Batch]:
+    """This process's share of the batches: each batch, longest first, goes to the process with the fewest padded
+    tokens so far (ties: the lower rank). Every process computes the same split, and the work comes out even."""
+    loads = [0] * world_size
+    mine = []
+    for batch in batches:
+        target = loads.index(min(loads))
+        loads[target] += batch.input_ids.numel()
+        if target == rank:
+            mine.append(batch)
+    return mine
+
+
 def _max_length(max_length: Optional[int], tokenizer: Any, model: nn.Module) -> Optional[int]:
     if max_length is not None:
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length <= 0:
@@ -250,6 +313,56 @@ def _pad_token_id(tokenizer: Any) -> int:
         if isinstance(token_id, int):
             return token_id
     return 0  # any id works: padded positions are masked out and never read
+
+
+# ---------------------------------------------------------------------------------------------------- processes
+
+LAUNCHER_WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def _data_parallel_shard(distributed: Optional[bool], token_pairs: list[tuple[list[int], list[int]]],
+                         candidates: list, batch_size: int) -> Optional[tuple[int, int]]:
+    """(rank, world size) when this fit is one of several processes that split the pairs, else None."""
+    if distributed is not None and not isinstance(distributed, bool):
+        raise ValueError(f"`distributed` must be None (auto), True or False, got {distributed!r}.")
+    if distributed is False:
+        return None
+    import torch.distributed as dist
+
+    initialized = dist.is_available() and dist.is_initialized()
+    # torchrun and `accelerate launch` on GPUs set WORLD_SIZE; `accelerate launch --cpu` (mpirun) sets the others.
+    launched = max(int(os.environ.get(name, "1")) for name in LAUNCHER_WORLD_SIZE_VARIABLES)
+    if not initialized and launched > 1:
+        # Started by a launcher, but nobody set up the process group: accelerate does it (gloo on CPU, nccl on
+        # GPUs), as the transformers Trainer would.
+        from accelerate import PartialState
+
+        PartialState(cpu=not torch.cuda.is_available())
+        initialized = dist.is_initialized()
+    if not initialized:
+        if distributed:
+            raise ValueError(
+                "distributed=True needs a torch.distributed process group, and none is set up. Start the script with "
+                "`torchrun --nproc_per_node N script.py` or `accelerate launch script.py`, or call "
+                "`torch.distributed.init_process_group()` first."
+            )
+        return None
+    world_size, rank = dist.get_world_size(), dist.get_rank()
+    if world_size == 1:
+        return None
+    # Every process must split the very same batches, or pairs would be counted twice or not at all.
+    setup = json.dumps([batch_size, [(c.name, c.width) for c in candidates], token_pairs])
+    mine = (len(token_pairs), hashlib.sha256(setup.encode()).hexdigest())
+    everyone = [None] * world_size
+    dist.all_gather_object(everyone, mine)
+    if len(set(everyone)) > 1:
+        raise ValueError(
+            f"fit_austeer runs on {world_size} processes (torch.distributed), but they were given different pairs or "
+            f"settings (number of pairs per process: {[n for n, _ in everyone]}). Pass the same full list of pairs, "
+            "sites, batch_size and max_length on every process: the fit splits the pairs by rank itself. To fit each "
+            "process on its own pairs instead, pass distributed=False."
+        )
+    return rank, world_size
 
 
 # ---------------------------------------------------------------------------------------------------- model

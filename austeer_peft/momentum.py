@@ -25,11 +25,12 @@ import torch
 from torch import nn
 
 from .config import AUSteerConfig
+from .experts import fused_experts_axis, read_expert_units
 from .model import AU
-from .sites import SiteModule, base_named_modules, candidate_modules
+from .sites import SiteModule, base_named_modules, candidate_modules, unwrap
 
 SCORES_FORMAT = "austeer-momentum"
-SCORES_FORMAT_VERSION = "1"
+SCORES_FORMAT_VERSION = "2"  # 2: all metadata in one entry (1: one entry per field)
 
 
 class _StopForward(Exception):
@@ -54,6 +55,9 @@ class MomentumCounter:
         modules = base_named_modules(model)
         self.candidates = candidates
         self.modules = [modules[c.name] for c in candidates]
+        # Expert-level AUs (`ffn_inner` on fused MoE experts) are inside the module: read them from its inputs.
+        self._expert_modules = {i: unwrap(m) for i, (c, m) in enumerate(zip(candidates, self.modules))
+                                if c.position == "input" and fused_experts_axis(unwrap(m)) is not None}
         # The only state that outlives a batch: per device, the counts of the AUs of the modules on it (created on
         # the first batch), and the number of pairs counted.
         self.blocks: list[_DeviceCounts] = []
@@ -79,6 +83,13 @@ class MomentumCounter:
         self._reset_batch()
 
     def _input_hook(self, i: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if i in self._expert_modules:
+            if self._last_token is not None:
+                rows, last_token = self._index_on(args[0].device if args else kwargs["hidden_states"].device)
+                experts = self._expert_modules[i]
+                self._record(i, read_expert_units(experts, args, kwargs, rows * self._seq_len + last_token),
+                             at_last_token=True)
+            return
         if args:
             activation = args[0]
         else:
@@ -127,7 +138,7 @@ class MomentumCounter:
             self._reset_batch()
         self.num_pairs += last_token.numel() // 2
 
-    def _record(self, i: int, activation: Optional[torch.Tensor]) -> None:
+    def _record(self, i: int, activation: Optional[torch.Tensor], at_last_token: bool = False) -> None:
         if self._last_token is None:  # a forward outside count_batch (e.g. the user's own call): not ours to count
             return
         candidate = self.candidates[i]
@@ -138,7 +149,8 @@ class MomentumCounter:
             )
         if not torch.is_tensor(activation):
             raise TypeError(f"Could not read a tensor from the {candidate.position} of {candidate.name}.")
-        self._last[i] = self._last_token_slice(candidate, activation.detach())  # [2B, width], a copy
+        activation = activation.detach()
+        self._last[i] = activation if at_last_token else self._last_token_slice(candidate, activation)  # [2B, width]
         self._remaining -= 1
         if self._remaining == 0:
             raise _StopForward
@@ -185,6 +197,30 @@ class MomentumCounter:
             block.n_neg += (positive < negative).sum(0)
             finite = torch.isfinite(values)
             block.n_nonfinite += (~(finite[:num_pairs] & finite[num_pairs:])).sum(0)
+
+    def all_reduce(self) -> None:
+        """Sum the counts of all processes of torch.distributed's default group into every process.
+
+        The counts are integers, so the sum does not depend on how the pairs were split: afterwards every process
+        holds exactly the counts one process would have made of all pairs (on the CPU).
+        """
+        import torch.distributed as dist
+
+        widths = [c.width for c in self.candidates]
+        starts = [sum(widths[:i]) for i in range(len(widths))]
+        counts = torch.zeros(3, sum(widths), dtype=torch.int64)  # n_pos, n_neg, n_nonfinite; a process may have none
+        for i, module_counts in self._module_counts().items():
+            counts[:, starts[i]:starts[i] + widths[i]] = torch.stack(module_counts).cpu()
+        flat = torch.cat([counts.flatten(), torch.tensor([self.num_pairs])])
+        # nccl only reduces GPU tensors; gloo (and a "cpu:gloo,cuda:nccl" group) takes CPU ones.
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else flat.device
+        flat = flat.to(device)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat = flat.cpu()
+        counts = flat[:-1].view(3, -1)
+        self.blocks = [_DeviceCounts(torch.device("cpu"), list(range(len(self.candidates))), starts,
+                                     counts[0].clone(), counts[1].clone(), counts[2].clone())]
+        self.num_pairs = int(flat[-1])
 
     # ------------------------------------------------------------------------------------------------ result
 
@@ -440,25 +476,35 @@ class MomentumScores:
 
     # ------------------------------------------------------------------------------------------------ files
 
-    def save(self, path: Union[str, Path]) -> None:
-        """Write the counts to one safetensors file (what they are stored as string metadata)."""
+    def save(self, path: Union[str, Path], is_main_process: Optional[bool] = None) -> None:
+        """Write the counts to one safetensors file; what they count (modules, N, sites) goes in one JSON metadata
+        entry, since safetensors writes several entries in an arbitrary order and the file should be reproducible.
+
+        After a distributed fit every process holds the same scores, and only the main one writes: rank 0 of
+        torch.distributed's default group (or any process without one) unless ``is_main_process`` says otherwise,
+        as in PEFT's ``save_pretrained(..., is_main_process=...)``. Other processes return at once; one that reads
+        the file must wait for the main process first (e.g. ``torch.distributed.barrier()``).
+        """
         from safetensors.torch import save_file
 
+        if is_main_process is None:
+            is_main_process = _is_main_process()
+        if not is_main_process:
+            return
         tensors = {}
         for module in self.modules:
             tensors[f"n_pos/{module.name}"] = self.n_pos[module.name].contiguous()
             tensors[f"n_neg/{module.name}"] = self.n_neg[module.name].contiguous()
-        metadata = {
-            "format": SCORES_FORMAT,
+        header = {
             "version": SCORES_FORMAT_VERSION,
-            "num_pairs": str(self.num_pairs),
-            "model_type": json.dumps(self.model_type),
-            "sites": json.dumps(self.sites),
-            "target_modules": json.dumps(self.target_modules),
+            "num_pairs": self.num_pairs,
+            "model_type": self.model_type,
+            "sites": self.sites,
+            "target_modules": self.target_modules,
             "position": self.position,
-            "modules": json.dumps([[m.name, m.site, m.layer, m.position, m.width] for m in self.modules]),
+            "modules": [[m.name, m.site, m.layer, m.position, m.width] for m in self.modules],
         }
-        save_file(tensors, str(path), metadata=metadata)
+        save_file(tensors, str(path), metadata={SCORES_FORMAT: json.dumps(header)})
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "MomentumScores":
@@ -466,18 +512,30 @@ class MomentumScores:
 
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-            if metadata.get("format") != SCORES_FORMAT:
-                raise ValueError(f"{path} is not an AUSteer momentum-scores file (no format={SCORES_FORMAT!r}).")
-            if metadata.get("version") != SCORES_FORMAT_VERSION:
-                raise ValueError(f"{path} has scores format version {metadata.get('version')!r}; this austeer_peft "
-                                 f"reads version {SCORES_FORMAT_VERSION}.")
+            if SCORES_FORMAT in metadata:
+                header = json.loads(metadata[SCORES_FORMAT])
+            elif metadata.get("format") == SCORES_FORMAT:  # version 1: one entry per field, most JSON-encoded
+                header = {k: v if k in ("version", "position") else json.loads(v)
+                          for k, v in metadata.items() if k != "format"}
+            else:
+                raise ValueError(f"{path} is not an AUSteer momentum-scores file (no {SCORES_FORMAT!r} metadata).")
+            if header.get("version") not in ("1", SCORES_FORMAT_VERSION):
+                raise ValueError(f"{path} has scores format version {header.get('version')!r}; this austeer_peft "
+                                 f"reads versions 1 and {SCORES_FORMAT_VERSION}. Update austeer_peft.")
             modules = [SiteModule(name, site, layer, position, width)
-                       for name, site, layer, position, width in json.loads(metadata["modules"])]
+                       for name, site, layer, position, width in header["modules"]]
             n_pos = {m.name: handle.get_tensor(f"n_pos/{m.name}") for m in modules}
             n_neg = {m.name: handle.get_tensor(f"n_neg/{m.name}") for m in modules}
-        return cls(modules=modules, n_pos=n_pos, n_neg=n_neg, num_pairs=int(metadata["num_pairs"]),
-                   model_type=json.loads(metadata["model_type"]), sites=json.loads(metadata["sites"]),
-                   target_modules=json.loads(metadata["target_modules"]), position=metadata["position"])
+        return cls(modules=modules, n_pos=n_pos, n_neg=n_neg, num_pairs=int(header["num_pairs"]),
+                   model_type=header["model_type"], sites=header["sites"], target_modules=header["target_modules"],
+                   position=header["position"])
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of torch.distributed's default process group, or True without one."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _check_alpha(alpha: Any) -> float:

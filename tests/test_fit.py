@@ -14,12 +14,12 @@ import torch
 from conftest import DATA_DIR, tiny_model
 from peft import PeftModel, get_peft_model
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from austeer_peft import AU, AUSteerConfig, AUSteerLayer, FitResult, MomentumScores, compute_momentum, fit_austeer
 from austeer_peft.fit import make_batches, tokenize_pairs
 from austeer_peft.momentum import MomentumCounter
-from austeer_peft.sites import SiteModule, base_named_modules, candidate_modules
+from austeer_peft.sites import SiteModule, base_named_modules, candidate_modules, unwrap
 
 ALL_SITES = ["attention", "ffn", "ffn_inner", "residual"]
 TWO_FAMILIES = ["llama", "gpt2"]
@@ -220,15 +220,115 @@ def test_fit_on_a_peft_model_reads_unsteered_activations():
     assert_same_counts(result.scores, plain)
 
 
-def test_offloaded_model_gives_the_same_counts():
+def dispatched_llama(how: str, tmp_path):
+    """The tiny 3-layer Llama dispatched by accelerate: `cpu_offload` (every weight on the meta device between
+    forwards), or `from_pretrained` with a device_map that puts layers on "cpu" entries and layer 1 on "disk"."""
     from accelerate import cpu_offload
 
+    model = tiny_model("llama", layers=3)
+    if how == "cpu_offload":
+        return cpu_offload(model, execution_device="cpu")
+    model.save_pretrained(tmp_path / "tiny")
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+                  "model.layers.1": "disk", "model.layers.2": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    return AutoModelForCausalLM.from_pretrained(tmp_path / "tiny", device_map=device_map,
+                                                offload_folder=tmp_path / "offload")
+
+
+def dispatched_weights(model) -> dict[str, torch.Tensor]:
+    """Every weight of a dispatched model by name: an offloaded one is read from its hook's weights map."""
+    weights = {}
+    for name, module in base_named_modules(model).items():
+        module = unwrap(module)
+        hook = vars(module).get("_hf_hook")
+        for key, tensor in module.named_parameters(recurse=False):
+            if tensor.device.type == "meta":
+                tensor = hook.weights_map[key]
+            weights[f"{name}.{key}".lstrip(".")] = tensor.detach().clone()
+    return weights
+
+
+@pytest.mark.parametrize("how", ["cpu_offload", "device_map"])
+def test_offloaded_model_gives_the_same_counts(how, tmp_path):
     tokenizer, pairs = char_tokenizer("left"), random_pairs(5)
-    reference = compute_momentum(tiny_model("llama"), tokenizer, pairs, sites=ALL_SITES, progress=False)
-    offloaded = cpu_offload(tiny_model("llama"), execution_device="cpu")
+    reference = compute_momentum(tiny_model("llama", layers=3), tokenizer, pairs, sites=ALL_SITES, progress=False)
+    offloaded = dispatched_llama(how, tmp_path)
     assert any(p.device.type == "meta" for p in offloaded.parameters())
     assert_same_counts(compute_momentum(offloaded, tokenizer, pairs, sites=ALL_SITES, batch_size=2, progress=False),
                        reference)
+
+
+@pytest.mark.parametrize("how", ["cpu_offload", "device_map"])
+def test_dispatched_model_fits_steers_and_merges_in_place(how, tmp_path):
+    from test_core import logits, spread_aus
+
+    from austeer_peft.model import execution_device
+
+    sites, tokenizer, pairs = ["attention", "ffn", "ffn_inner"], char_tokenizer(), random_pairs(8)
+    input_ids = torch.randint(3, 101, (2, 9), generator=torch.Generator().manual_seed(0))
+    reference = fit_austeer(tiny_model("llama", layers=3), tokenizer, pairs, sites=sites, k=20, progress=False)
+    model = fit_austeer(dispatched_llama(how, tmp_path), tokenizer, pairs, sites=sites, k=20, progress=False)
+    reference, model = reference.peft_model, model.peft_model
+    assert sorted(model.get_aus()) == sorted(reference.get_aus())
+    original = dispatched_weights(model.get_base_model())
+    plain = logits(tiny_model("llama", layers=3), input_ids)
+
+    # Hand-set AUs on every module, the offloaded ones included (`ffn` and `ffn_inner` fold into one down_proj).
+    aus = spread_aus(model, sites, 120, seed=3)
+    assert {name for name, _, _ in aus} == {c.name for c in candidate_modules(model, AUSteerConfig(sites=sites))}
+    for peft_model in (model, reference):
+        peft_model.set_aus(aus)
+    for layer in model.modules():
+        if isinstance(layer, AUSteerLayer):  # adapters live where their module computes (the hook's device)
+            assert layer.austeer_gamma["default"].device == execution_device(layer.base_layer)
+    steered = logits(model, input_ids)
+    assert torch.equal(steered, logits(reference, input_ids))
+
+    model.merge_adapter()
+    torch.testing.assert_close(logits(model, input_ids), steered, rtol=0, atol=1e-5)
+    reference.merge_adapter()
+    merged = dispatched_weights(model.get_base_model())
+    for name, weight in reference.get_base_model().state_dict().items():
+        assert torch.equal(merged[name.replace(".base_layer", "")], weight), name
+    with model.disable_adapter():  # unmerges, also the offloaded weights
+        assert torch.equal(logits(model, input_ids), plain)
+    model.merge_adapter()
+    model.unmerge_adapter()
+    restored = dispatched_weights(model.get_base_model())
+    assert all(torch.equal(restored[name], weight) for name, weight in original.items())
+    assert torch.equal(logits(model, input_ids), steered)
+
+    unloaded = model.merge_and_unload()
+    assert not any(isinstance(m, AUSteerLayer) for m in unloaded.modules())
+    torch.testing.assert_close(logits(unloaded, input_ids), steered, rtol=0, atol=1e-5)
+
+
+def test_adapters_go_to_the_execution_device_not_where_offloaded_weights_wait():
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    model = tiny_model("llama")
+    # Offloaded to run on another device (on a GPU machine "cuda:0"; here "meta", the only other device a CPU has).
+    o_proj = model.model.layers[1].self_attn.o_proj
+    add_hook_to_module(o_proj, AlignDevicesHook(execution_device=torch.device("meta"), offload=True))
+    assert o_proj.weight.device.type == "meta"
+    model = get_peft_model(model, AUSteerConfig(sites=["attention"]))
+    model.set_aus([(("attention", 0), 1, 2.0), (("attention", 1), 3, 2.0)])
+    layers = [m for m in model.modules() if isinstance(m, AUSteerLayer)]
+    assert [layer.austeer_gamma["default"].device.type for layer in layers] == ["cpu", "meta"]
+    assert [layer.austeer_index["default"].device.type for layer in layers] == ["cpu", "meta"]
+
+
+def test_weights_offloaded_without_a_hook_to_load_them_are_not_merged():
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    model = get_peft_model(tiny_model("llama"), AUSteerConfig(sites=["ffn"]))
+    model.set_aus([(("ffn", 1), 3, 2.0)])
+    mlp = model.get_base_model().model.layers[1].mlp
+    # One hook on the MLP block loads all its children's weights (place_submodules): the down projection has none.
+    add_hook_to_module(mlp.base_layer, AlignDevicesHook(execution_device="cpu", offload=True, place_submodules=True))
+    with pytest.raises(ValueError, match="meta device and no accelerate offload hook"):
+        model.merge_adapter()
+    assert not mlp.merged_adapters
 
 
 def test_target_modules_count_like_the_matching_site():
@@ -299,6 +399,29 @@ def test_scores_save_load_and_any_adapter_without_another_pass(tmp_path):
     assert peft_model.peft_config["default"].k == 5 and peft_model.peft_config["default"].alpha == 2.0
     with pytest.raises(ValueError, match="gpt2"):
         loaded.to_adapter(5, 2.0, tiny_model("llama"))
+
+
+def test_scores_files_are_reproducible_and_version_1_files_still_load(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    scores = hand_made_scores()
+    scores.save(tmp_path / "scores.safetensors")
+    with safe_open(str(tmp_path / "scores.safetensors"), framework="pt") as handle:
+        assert list(handle.metadata()) == ["austeer-momentum"]  # one entry: safetensors orders several arbitrarily
+    tensors = {f"{kind}/{m.name}": getattr(scores, kind)[m.name] for m in scores.modules for kind in ("n_pos", "n_neg")}
+    version_1 = {"format": "austeer-momentum", "version": "1", "num_pairs": "10", "model_type": '"llama"',
+                 "sites": '["attention", "ffn"]', "target_modules": "null", "position": "output",
+                 "modules": json.dumps([[m.name, m.site, m.layer, m.position, m.width] for m in scores.modules])}
+    save_file(tensors, str(tmp_path / "v1.safetensors"), metadata=version_1)
+    loaded = MomentumScores.load(tmp_path / "v1.safetensors")
+    assert_same_counts(loaded, scores)
+    assert (loaded.modules, loaded.sites, loaded.model_type) == (scores.modules, scores.sites, "llama")
+    save_file(tensors, str(tmp_path / "other.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="not an AUSteer momentum-scores file"):
+        MomentumScores.load(tmp_path / "other.safetensors")
 
 
 # ---------------------------------------------------------------------------------------------------- files

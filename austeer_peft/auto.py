@@ -1,0 +1,134 @@
+"""Automatic (k, α) without a labelled validation set: hold out a share of the pairs, count momentum on the rest, and
+pick the cell under which the held-out pairs' positive continuations gain most over their negative ones.
+
+The criterion is the mean log-likelihood margin ``log p(positive continuation) - log p(negative continuation)``, the
+continuation being what follows the two texts' common token prefix (the answer, for ``(prompt, chosen, rejected)``
+pairs). Every cell reuses the one momentum table; ties go to fewer AUs, then to the smaller α.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .evaluate.scoring import continuation_logprobs
+from .fit import _accepts, _base_model, _input_device, _max_length, _pad_token_id, tokenize_pairs
+from .momentum import MomentumScores, _check_alpha
+from .sweep import DEFAULT_ALPHAS, DEFAULT_KS
+
+DEFAULT_HOLDOUT = 0.2
+MIN_HOLDOUT_PAIRS = 8
+MAX_HOLDOUT_PAIRS = 64  # enough to rank cells; every cell scores them once, so this bounds the cost
+
+
+@dataclass
+class AutoChoice:
+    """The chosen cell, its held-out margin, the unsteered margin, and every cell's margin (k, α, margin)."""
+
+    k: int
+    alpha: float
+    margin: float
+    vanilla_margin: float
+    cells: list[tuple[int, float, float]]
+    num_heldout: int
+
+
+def split_holdout(text_pairs: Sequence[tuple[str, str]], share: float = DEFAULT_HOLDOUT, seed: int = 0
+                  ) -> tuple[list, list]:
+    """(pairs to count on, held-out pairs): a seeded permutation; ``share`` of the pairs (8 to 64) are held out."""
+    if not 0.0 < share < 1.0:
+        raise ValueError(f"The held-out share must be between 0 and 1, got {share!r}.")
+    n = len(text_pairs)
+    n_heldout = min(MAX_HOLDOUT_PAIRS, max(MIN_HOLDOUT_PAIRS, round(share * n)))
+    if n - n_heldout < MIN_HOLDOUT_PAIRS:
+        raise ValueError(f"Automatic (k, α) needs at least {2 * MIN_HOLDOUT_PAIRS} pairs ({MIN_HOLDOUT_PAIRS} held out "
+                         f"and {MIN_HOLDOUT_PAIRS} to count on); got {n}. Give more pairs or set k and alpha.")
+    order = np.random.default_rng(seed).permutation(n).tolist()
+    return [text_pairs[i] for i in order[n_heldout:]], [text_pairs[i] for i in order[:n_heldout]]
+
+
+def choose_k_alpha(model: nn.Module, tokenizer: Any, scores: MomentumScores, heldout: Sequence[tuple[str, str]],
+                   ks: Sequence[int] = DEFAULT_KS, alphas: Sequence[float] = DEFAULT_ALPHAS, *,
+                   batch_size: int = 16, adapter_name: str = "default", progress: bool = True):
+    """Score every (k, α) cell by the held-out margin and leave the best one set. Returns ``(AutoChoice,
+    peft_model)``; ``model`` is the base model the scores were counted on (or a PeftModel holding it)."""
+    ks = sorted({k for k in ks if k <= scores.num_aus})
+    alphas = [_check_alpha(alpha) for alpha in alphas]
+    if not ks:
+        raise ValueError(f"No k of the grid fits the {scores.num_aus} candidate AUs; use smaller values of k.")
+    margin_of = _MarginScorer(model, tokenizer, heldout, batch_size)
+    peft_model = scores.to_adapter(ks[0], alphas[0], model, adapter_name=adapter_name)
+    with peft_model.disable_adapter():
+        vanilla = margin_of(peft_model)
+    cells = []
+    for k, alpha in tqdm([(k, a) for k in ks for a in alphas], desc="automatic (k, α)", unit="cell",
+                         disable=not progress):
+        peft_model.set_aus(scores.select(k, alpha), adapter_name=adapter_name)
+        cells.append((k, alpha, margin_of(peft_model)))
+    k, alpha, margin = max(cells, key=lambda cell: (cell[2], -cell[0], -cell[1]))
+    peft_model.set_aus(scores.select(k, alpha), adapter_name=adapter_name)
+    config = peft_model.peft_config[adapter_name]
+    config.k, config.alpha = k, alpha
+    return AutoChoice(k, alpha, margin, vanilla, cells, len(heldout)), peft_model
+
+
+class _MarginScorer:
+    """Mean held-out margin of a model: the pairs are tokenized and batched once, then scored per cell."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, heldout: Sequence[tuple[str, str]], batch_size: int):
+        base = _base_model(model)
+        token_pairs = tokenize_pairs(tokenizer, list(heldout), max_length=_max_length(None, tokenizer, base))
+        sequences, starts, skipped = [], [], 0
+        for positive, negative in token_pairs:
+            shared = 0
+            while shared < min(len(positive), len(negative)) and positive[shared] == negative[shared]:
+                shared += 1
+            shared = max(shared, 1)  # the first token has no logit predicting it
+            if shared >= len(positive) or shared >= len(negative):
+                skipped += 1  # one text is a prefix of the other: no two continuations to compare
+                continue
+            sequences += [positive, negative]
+            starts += [shared, shared]
+        if not sequences:
+            raise ValueError("In no held-out pair do both texts continue past their common prefix (one is a prefix of "
+                             "the other); use (prompt, chosen, rejected) pairs with different non-empty answers.")
+        if skipped:
+            warnings.warn(f"{skipped} of {len(token_pairs)} held-out pairs are skipped: one text is a prefix of the "
+                          "other, so there are no two continuations to compare.", stacklevel=3)
+        self.sequences, self.starts, self.batch_size = sequences, starts, batch_size
+        self.pad_id = _pad_token_id(tokenizer)
+        self.device = _input_device(base)
+        self.accepts_position_ids = _accepts(base, "position_ids")
+        self.accepts_logits_to_keep = _accepts(base, "logits_to_keep")
+
+    @torch.inference_mode()
+    def __call__(self, model: nn.Module) -> float:
+        totals = torch.zeros(len(self.sequences), dtype=torch.float64)
+        for start in range(0, len(self.sequences), 2 * self.batch_size):
+            rows = list(range(start, min(start + 2 * self.batch_size, len(self.sequences))))
+            width = max(len(self.sequences[r]) for r in rows)
+            window = max(len(self.sequences[r]) - self.starts[r] for r in rows) + 1  # continuation + one before it
+            input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+            attention_mask = torch.zeros_like(input_ids)
+            continuation = torch.zeros_like(input_ids)
+            for i, r in enumerate(rows):
+                sequence, offset = self.sequences[r], width - len(self.sequences[r])
+                input_ids[i, offset:] = torch.tensor(sequence)
+                attention_mask[i, offset:] = 1
+                continuation[i, offset + self.starts[r]:] = 1
+            inputs = {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device),
+                      "use_cache": False}
+            if self.accepts_position_ids:
+                inputs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0).to(self.device)
+            if self.accepts_logits_to_keep:
+                inputs["logits_to_keep"] = window
+            logits = model(**inputs).logits[:, -window:].float().cpu()
+            totals[rows] = continuation_logprobs(logits, input_ids[:, -window:], continuation[:, -window:]).double()
+        return float((totals[0::2] - totals[1::2]).mean())

@@ -1,0 +1,68 @@
+"""Automatic (k, α) vs the labelled-validation sweep, on the same splits (issue 10, part 3).
+
+For a task already run with `austeer sweep` (its results.json), this fits with ``k="auto", alpha="auto"`` on the same
+fit split for each site, scores the test split once, and prints both test accuracies side by side. No validation
+labels are used by the automatic choice.
+
+    python bench/bench_auto.py --task sst2 --n-validation 50 --sweep-results out-sst2/results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from austeer_peft import fit_austeer
+from austeer_peft.evaluate import bootstrap_ci, load_task, paired_test
+from austeer_peft.evaluate.runner import evaluate_split
+from austeer_peft.models import load_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--task", required=True)
+    parser.add_argument("--n-fit", type=int)
+    parser.add_argument("--n-validation", type=int)
+    parser.add_argument("--n-test", type=int)
+    parser.add_argument("--sites", nargs="+", default=["attention", "ffn"])
+    parser.add_argument("--sweep-results", type=Path, required=True, help="results.json of `austeer sweep`")
+    parser.add_argument("--output", type=Path, help="write the comparison as JSON here")
+    args = parser.parse_args()
+
+    sweep = {row["method"]: row for row in json.loads(args.sweep_results.read_text())["results"]}
+    task = load_task(args.task, n_fit=args.n_fit, n_validation=args.n_validation)
+    if args.n_test is not None:
+        task.test = task.test.select(range(args.n_test))
+    model, tokenizer = load_model(args.model)
+    vanilla = evaluate_split(model, tokenizer, task, "test")
+    rows = []
+    for site in args.sites:
+        started = time.perf_counter()
+        result = fit_austeer(model, tokenizer, task.pairs("fit"), sites=[site], k="auto", alpha="auto")
+        seconds = time.perf_counter() - started
+        test = evaluate_split(result.peft_model, tokenizer, task, "test")
+        mean, low, high = bootstrap_ci(test.correct)
+        swept = sweep[f"AUSteer-{site}"]
+        rows.append({"site": site, "auto_k": result.auto.k, "auto_alpha": result.auto.alpha,
+                     "auto_margin": result.auto.margin, "vanilla_margin": result.auto.vanilla_margin,
+                     "heldout_pairs": result.auto.num_heldout, "auto_test": round(100 * mean, 2),
+                     "auto_ci": [round(100 * low, 2), round(100 * high, 2)],
+                     "p_vs_vanilla": paired_test(vanilla.correct, test.correct),
+                     "sweep_k": swept["settings"]["k"], "sweep_alpha": swept["settings"]["alpha"],
+                     "sweep_test": swept["test_accuracy"], "fit_seconds": round(seconds, 1)})
+        model = result.peft_model.unload()
+    print(f"{task.name} ({len(task.test)} test examples), vanilla {100 * vanilla.accuracy:.1f} %; {task.split_note}")
+    for row in rows:
+        print(f"  {row['site']:<10} auto k={row['auto_k']:<3} α={row['auto_alpha']:<5g} {row['auto_test']:5.1f} %  |  "
+              f"sweep k={row['sweep_k']:<3} α={row['sweep_alpha']:<5g} {row['sweep_test']:5.1f} %  "
+              f"(auto − sweep {row['auto_test'] - row['sweep_test']:+.1f}; fit + choice {row['fit_seconds']:.0f} s)")
+    if args.output is not None:
+        args.output.write_text(json.dumps({"task": task.name, "vanilla": 100 * vanilla.accuracy, "rows": rows},
+                                          indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Automatic (k, α): the held-out margin against a per-pair reference, the choice, and the hold-out split."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+from test_fit import char_tokenizer, random_pairs
+
+from austeer_peft import compute_momentum, fit_austeer
+from austeer_peft.auto import _MarginScorer, choose_k_alpha, split_holdout
+
+
+def reference_margin(model, tokenizer, pairs) -> float:
+    """Per pair, unbatched: summed log-probability of each text's tokens after the common prefix, positive - negative."""
+    margins = []
+    for positive, negative in pairs:
+        ids = [tokenizer(text)["input_ids"] for text in (positive, negative)]
+        shared = 0
+        while ids[0][shared] == ids[1][shared]:
+            shared += 1
+        totals = []
+        for sequence in ids:
+            with torch.no_grad():
+                log_probs = torch.log_softmax(model(torch.tensor([sequence])).logits[0].double(), -1)
+            totals.append(sum(float(log_probs[t - 1, sequence[t]]) for t in range(max(shared, 1), len(sequence))))
+        margins.append(totals[0] - totals[1])
+    return sum(margins) / len(margins)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_margin_matches_an_unbatched_reference(family):
+    model, tokenizer = tiny_model(family), char_tokenizer()
+    pairs = random_pairs(7, seed=3)
+    scorer = _MarginScorer(model, tokenizer, pairs, batch_size=3)
+    assert scorer(model) == pytest.approx(reference_margin(model, tokenizer, pairs), rel=1e-4, abs=1e-4)
+
+
+def test_choice_is_the_best_cell_and_uses_one_momentum_pass(monkeypatch):
+    model, tokenizer = tiny_model("qwen2"), char_tokenizer()
+    pairs = [(p + ": yes", p + ": no") for p, _ in random_pairs(40)]
+    counted, heldout = split_holdout(pairs, share=0.25)
+    assert len(heldout) == 10 and len(counted) == 30
+    scores = compute_momentum(model, tokenizer, counted, sites=["attention", "ffn"], progress=False)
+    from austeer_peft import momentum
+
+    monkeypatch.setattr(momentum.MomentumCounter, "count_batch", lambda *a, **k: pytest.fail("second pass"))
+    choice, peft_model = choose_k_alpha(model, tokenizer, scores, heldout, ks=[1, 4, 16], alphas=[1.0, 10.0],
+                                        progress=False)
+    assert len(choice.cells) == 6 and choice.num_heldout == 10
+    best = max(choice.cells, key=lambda cell: cell[2])
+    assert (choice.k, choice.alpha, choice.margin) == best
+    # The model is left steered with the chosen cell; its margin is reproduced from scratch.
+    assert [(a.module, a.dim) for a in peft_model.get_aus()] == \
+        [(a.module, a.dim) for a in sorted(scores.select(choice.k, choice.alpha))]
+    fresh = scores.to_adapter(choice.k, choice.alpha, peft_model.unload())
+    assert reference_margin(fresh, tokenizer, heldout) == pytest.approx(choice.margin, rel=1e-4, abs=1e-4)
+    unsteered = fresh.unload()
+    assert reference_margin(unsteered, tokenizer, heldout) == pytest.approx(choice.vanilla_margin, rel=1e-4, abs=1e-4)
+
+
+def test_holdout_split_is_deterministic_and_checked():
+    pairs = random_pairs(50)
+    assert split_holdout(pairs) == split_holdout(pairs)
+    counted, heldout = split_holdout(pairs)
+    assert len(heldout) == 10 and sorted(counted + heldout) == sorted(pairs)
+    assert len(split_holdout(random_pairs(1000))[1]) == 64  # capped: each cell scores them once
+    with pytest.raises(ValueError, match="at least 16 pairs"):
+        split_holdout(pairs[:12])
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        split_holdout(pairs, share=1.5)
+
+
+def test_pairs_whose_texts_do_not_both_continue_are_skipped_or_refused():
+    model, tokenizer = tiny_model("llama"), char_tokenizer()
+    with pytest.warns(UserWarning, match="1 of 2 held-out pairs are skipped"):
+        scorer = _MarginScorer(model, tokenizer, [("abc", "abcd"), ("ab: x", "ab: yz")], batch_size=2)
+    assert scorer(model) == pytest.approx(reference_margin(model, tokenizer, [("ab: x", "ab: yz")]), abs=1e-4)
+    with pytest.raises(ValueError, match="common prefix"):
+        _MarginScorer(model, tokenizer, [("abc", "abcd")], batch_size=2)
+
+
+def test_fit_with_auto_k_and_alpha_counts_on_the_rest_and_keeps_the_choice():
+    model, tokenizer = tiny_model("llama"), char_tokenizer()
+    pairs = [(p + ": yes", p + ": no") for p, _ in random_pairs(40)]
+    result = fit_austeer(model, tokenizer, pairs, sites=["attention", "ffn"], k="auto", alpha="auto", progress=False)
+    assert result.scores.num_pairs == 32 and result.auto.num_heldout == 8
+    assert len(result.auto.cells) == 8 * 7  # the sweep grid (2 sites x 2 layers x 32 dims = 128 AUs >= 100)
+    config = result.peft_model.peft_config["default"]
+    assert (config.k, config.alpha) == (result.auto.k, result.auto.alpha)
+    assert len(result.peft_model.get_aus()) == result.auto.k
+    # Only alpha automatic: k stays as given.
+    fixed = fit_austeer(result.peft_model.unload(), tokenizer, pairs, sites=["ffn"], k=3, alpha="auto",
+                        progress=False)
+    assert {cell[0] for cell in fixed.auto.cells} == {3} and len(fixed.auto.cells) == 7
+    with pytest.raises(ValueError, match="alpha"):
+        fit_austeer(fixed.peft_model.unload(), tokenizer, pairs, sites=["ffn"], k="auto", alpha=-1.0)
