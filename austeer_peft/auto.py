@@ -25,7 +25,7 @@ from .sweep import DEFAULT_ALPHAS, DEFAULT_KS
 
 DEFAULT_HOLDOUT = 0.2
 MIN_HOLDOUT_PAIRS = 8
-MAX_HOLDOUT_PAIRS = 64  # enough to rank cells; every cell scores them once, so this bounds the cost
+MAX_HOLDOUT_PAIRS = 32  # every cell scores them once, so this bounds the cost (about one 64-example evaluation)
 
 
 @dataclass
@@ -42,7 +42,7 @@ class AutoChoice:
 
 def split_holdout(text_pairs: Sequence[tuple[str, str]], share: float = DEFAULT_HOLDOUT, seed: int = 0
                   ) -> tuple[list, list]:
-    """(pairs to count on, held-out pairs): a seeded permutation; ``share`` of the pairs (8 to 64) are held out."""
+    """(pairs to count on, held-out pairs): a seeded permutation; ``share`` of the pairs (8 to 32) are held out."""
     if not 0.0 < share < 1.0:
         raise ValueError(f"The held-out share must be between 0 and 1, got {share!r}.")
     n = len(text_pairs)

@@ -84,7 +84,7 @@ def fit_austeer(
         sites: ``"attention"``, ``"ffn"``, ``"ffn_inner"``, ``"residual"`` or a list of them (default attention).
         k: number of AUs to steer (top-k over all layers and sites), or ``"auto"``.
         alpha: steering strength α; ``γ = α·r_pos`` for promoting AUs, ``-α·r_neg`` for suppressing ones; or
-            ``"auto"``. With ``"auto"``, ``holdout`` of the pairs (8 to 64 of them) are set aside, the counts come
+            ``"auto"``. With ``"auto"``, ``holdout`` of the pairs (8 to 32 of them) are set aside, the counts come
             from the others, and the grid cell (k in 1..100, α in 1..100) that most raises the held-out pairs' mean
             log-likelihood margin (positive over negative continuation) is kept; see :mod:`austeer_peft.auto`.
         target_modules, position: instead of ``sites``, module names whose input/output carries the AUs.

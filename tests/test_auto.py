@@ -64,7 +64,7 @@ def test_holdout_split_is_deterministic_and_checked():
     assert split_holdout(pairs) == split_holdout(pairs)
     counted, heldout = split_holdout(pairs)
     assert len(heldout) == 10 and sorted(counted + heldout) == sorted(pairs)
-    assert len(split_holdout(random_pairs(1000))[1]) == 64  # capped: each cell scores them once
+    assert len(split_holdout(random_pairs(1000))[1]) == 32  # capped: each cell scores them once
     with pytest.raises(ValueError, match="at least 16 pairs"):
         split_holdout(pairs[:12])
     with pytest.raises(ValueError, match="between 0 and 1"):
