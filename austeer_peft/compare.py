@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from torch import nn
+from tqdm.auto import tqdm
 
 from .baselines import CAA_MULTIPLIERS, block_level_aus, caa_layers, caa_steering, caa_vectors
 from .evaluate.runner import SplitResult, evaluate_split
@@ -166,7 +167,7 @@ def compare_methods(
 
     if "caa" in baselines:
         methods.append(_caa(peft_model, tokenizer, task, pairs, caa_multipliers, evaluate, sweeps, vanilla_validation,
-                            batch_size, output, progress))
+                            scoring, batch_size, output, progress))
 
     comparison = Comparison(task.name, task.split_note, vanilla_test.scoring, task.sizes, methods, sweeps,
                             time.perf_counter() - started)
@@ -175,8 +176,8 @@ def compare_methods(
     return comparison
 
 
-def _caa(model, tokenizer, task, pairs, multipliers, evaluate, sweeps, vanilla_validation, batch_size, output,
-         progress) -> MethodResult:
+def _caa(model, tokenizer, task, pairs, multipliers, evaluate, sweeps, vanilla_validation, scoring, batch_size,
+         output, progress) -> MethodResult:
     """CAA: one pass for the vectors of all layers, a (layer, multiplier) sweep on validation, one test run."""
     from peft import PeftModel
 
@@ -185,12 +186,12 @@ def _caa(model, tokenizer, task, pairs, multipliers, evaluate, sweeps, vanilla_v
     vectors = caa_vectors(model, tokenizer, pairs, batch_size=batch_size, progress=progress)
     fit_seconds = time.perf_counter() - fit_started
     cells = []
+    grid = [(layer, multiplier) for layer in caa_layers(vectors.vectors.shape[0]) for multiplier in multipliers]
     with disabled:
-        for layer in caa_layers(vectors.vectors.shape[0]):
-            for multiplier in multipliers:
-                with caa_steering(model, layer, vectors.vectors[layer], multiplier):
-                    result = evaluate(model, "validation")
-                cells.append(SweepCell(layer, multiplier, result.accuracy, vectors.vectors.shape[1], result.correct))
+        for layer, multiplier in tqdm(grid, desc="sweep CAA", unit="cell", disable=not progress):
+            with caa_steering(model, layer, vectors.vectors[layer], multiplier):
+                result = evaluate_split(model, tokenizer, task, "validation", scoring, batch_size=batch_size)
+            cells.append(SweepCell(layer, multiplier, result.accuracy, vectors.vectors.shape[1], result.correct))
         sweep = SweepResult("CAA", cells, vanilla_validation, vanilla_validation.scoring,
                             len(vanilla_validation.correct), time.perf_counter() - fit_started - fit_seconds,
                             axes=("layer", "multiplier"))
