@@ -72,6 +72,7 @@ def fit_austeer(
     progress: bool = True,
     distributed: Optional[bool] = None,
     holdout: float = 0.2,
+    auto_criterion: str = "preference",
 ) -> FitResult:
     """Fit an AUSteer adapter: count activation momentum on contrastive pairs, keep the top-k AUs, set γ from α.
 
@@ -85,8 +86,9 @@ def fit_austeer(
         k: number of AUs to steer (top-k over all layers and sites), or ``"auto"``.
         alpha: steering strength α; ``γ = α·r_pos`` for promoting AUs, ``-α·r_neg`` for suppressing ones; or
             ``"auto"``. With ``"auto"``, ``holdout`` of the pairs (8 to 32 of them) are set aside, the counts come
-            from the others, and the grid cell (k in 1..100, α in 1..100) that most raises the held-out pairs' mean
-            log-likelihood margin (positive over negative continuation) is kept; see :mod:`austeer_peft.auto`.
+            from the others, and the grid cell (k in 1..100, α in 1..100) under which the held-out pairs most
+            prefer their positive continuation is kept (``auto_criterion``: mean ``log σ(margin)``, or the plain
+            mean log-likelihood ``"margin"``); see :mod:`austeer_peft.auto`.
         target_modules, position: instead of ``sites``, module names whose input/output carries the AUs.
         batch_size: pairs per forward pass (each forward holds ``2 * batch_size`` sequences).
         max_length: longer sequences are cut from the left (the last token, where activations are read, survives);
@@ -109,7 +111,8 @@ def fit_austeer(
     if k == "auto" or alpha == "auto":
         return _fit_auto(model, tokenizer, pairs, sites, k, alpha, target_modules=target_modules, position=position,
                          batch_size=batch_size, max_length=max_length, chat_template=chat_template,
-                         adapter_name=adapter_name, progress=progress, distributed=distributed, holdout=holdout)
+                         adapter_name=adapter_name, progress=progress, distributed=distributed, holdout=holdout,
+                         criterion=auto_criterion)
     config = AUSteerConfig(sites=sites, target_modules=target_modules, position=position, k=k, alpha=alpha)
     candidates = candidate_modules(_base_model(model), config)
     num_aus = sum(c.width for c in candidates)
@@ -123,7 +126,7 @@ def fit_austeer(
 
 
 def _fit_auto(model, tokenizer, pairs, sites, k, alpha, *, target_modules, position, batch_size, max_length,
-              chat_template, adapter_name, progress, distributed, holdout) -> FitResult:
+              chat_template, adapter_name, progress, distributed, holdout, criterion) -> FitResult:
     """``fit_austeer`` with ``k="auto"`` and/or ``alpha="auto"``: count on most pairs, choose on the held-out rest."""
     from .auto import choose_k_alpha, split_holdout
     from .sweep import DEFAULT_ALPHAS, DEFAULT_KS
@@ -136,7 +139,8 @@ def _fit_auto(model, tokenizer, pairs, sites, k, alpha, *, target_modules, posit
     choice, peft_model = choose_k_alpha(model, tokenizer, scores, heldout,
                                         ks=DEFAULT_KS if k == "auto" else [config.k],
                                         alphas=DEFAULT_ALPHAS if alpha == "auto" else [config.alpha],
-                                        batch_size=batch_size, adapter_name=adapter_name, progress=progress)
+                                        criterion=criterion, batch_size=batch_size, adapter_name=adapter_name,
+                                        progress=progress)
     return FitResult(peft_model=peft_model, scores=scores, auto=choice)
 
 

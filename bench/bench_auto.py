@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--n-validation", type=int)
     parser.add_argument("--n-test", type=int)
     parser.add_argument("--sites", nargs="+", default=["attention", "ffn"])
+    parser.add_argument("--criterion", default="preference", choices=["preference", "margin"])
     parser.add_argument("--sweep-results", type=Path, required=True, help="results.json of `austeer sweep`")
     parser.add_argument("--output", type=Path, help="write the comparison as JSON here")
     args = parser.parse_args()
@@ -41,12 +42,15 @@ def main() -> None:
     rows = []
     for site in args.sites:
         started = time.perf_counter()
-        result = fit_austeer(model, tokenizer, task.pairs("fit"), sites=[site], k="auto", alpha="auto")
+        result = fit_austeer(model, tokenizer, task.pairs("fit"), sites=[site], k="auto", alpha="auto",
+                             auto_criterion=args.criterion)
         seconds = time.perf_counter() - started
         test = evaluate_split(result.peft_model, tokenizer, task, "test")
         mean, low, high = bootstrap_ci(test.correct)
         swept = sweep[f"AUSteer-{site}"]
-        rows.append({"site": site, "auto_k": result.auto.k, "auto_alpha": result.auto.alpha,
+        rows.append({"site": site, "criterion": args.criterion, "auto_k": result.auto.k,
+                     "auto_alpha": result.auto.alpha, "auto_score": result.auto.score,
+                     "vanilla_score": result.auto.vanilla_score,
                      "auto_margin": result.auto.margin, "vanilla_margin": result.auto.vanilla_margin,
                      "heldout_pairs": result.auto.num_heldout, "auto_test": round(100 * mean, 2),
                      "auto_ci": [round(100 * low, 2), round(100 * high, 2)],

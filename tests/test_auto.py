@@ -11,7 +11,7 @@ from austeer_peft import compute_momentum, fit_austeer
 from austeer_peft.auto import _MarginScorer, choose_k_alpha, split_holdout
 
 
-def reference_margin(model, tokenizer, pairs) -> float:
+def reference_margins(model, tokenizer, pairs) -> torch.Tensor:
     """Per pair, unbatched: summed log-probability of each text's tokens after the common prefix, positive - negative."""
     margins = []
     for positive, negative in pairs:
@@ -25,7 +25,15 @@ def reference_margin(model, tokenizer, pairs) -> float:
                 log_probs = torch.log_softmax(model(torch.tensor([sequence])).logits[0].double(), -1)
             totals.append(sum(float(log_probs[t - 1, sequence[t]]) for t in range(max(shared, 1), len(sequence))))
         margins.append(totals[0] - totals[1])
-    return sum(margins) / len(margins)
+    return torch.tensor(margins, dtype=torch.float64)
+
+
+def reference_margin(model, tokenizer, pairs) -> float:
+    return float(reference_margins(model, tokenizer, pairs).mean())
+
+
+def reference_preference(model, tokenizer, pairs) -> float:
+    return float(torch.nn.functional.logsigmoid(reference_margins(model, tokenizer, pairs)).mean())
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -33,7 +41,7 @@ def test_margin_matches_an_unbatched_reference(family):
     model, tokenizer = tiny_model(family), char_tokenizer()
     pairs = random_pairs(7, seed=3)
     scorer = _MarginScorer(model, tokenizer, pairs, batch_size=3)
-    assert scorer(model) == pytest.approx(reference_margin(model, tokenizer, pairs), rel=1e-4, abs=1e-4)
+    torch.testing.assert_close(scorer(model), reference_margins(model, tokenizer, pairs), rtol=1e-4, atol=1e-4)
 
 
 def test_choice_is_the_best_cell_and_uses_one_momentum_pass(monkeypatch):
@@ -49,14 +57,23 @@ def test_choice_is_the_best_cell_and_uses_one_momentum_pass(monkeypatch):
                                         progress=False)
     assert len(choice.cells) == 6 and choice.num_heldout == 10
     best = max(choice.cells, key=lambda cell: cell[2])
-    assert (choice.k, choice.alpha, choice.margin) == best
+    assert (choice.k, choice.alpha, choice.score) == best and choice.criterion == "preference"
     # The model is left steered with the chosen cell; its margin is reproduced from scratch.
     assert [(a.module, a.dim) for a in peft_model.get_aus()] == \
         [(a.module, a.dim) for a in sorted(scores.select(choice.k, choice.alpha))]
     fresh = scores.to_adapter(choice.k, choice.alpha, peft_model.unload())
+    assert reference_preference(fresh, tokenizer, heldout) == pytest.approx(choice.score, rel=1e-4, abs=1e-4)
     assert reference_margin(fresh, tokenizer, heldout) == pytest.approx(choice.margin, rel=1e-4, abs=1e-4)
     unsteered = fresh.unload()
+    assert reference_preference(unsteered, tokenizer, heldout) == pytest.approx(choice.vanilla_score, rel=1e-4,
+                                                                                abs=1e-4)
     assert reference_margin(unsteered, tokenizer, heldout) == pytest.approx(choice.vanilla_margin, rel=1e-4, abs=1e-4)
+    # The plain-margin criterion ranks the same cells by their mean margin.
+    by_margin, _ = choose_k_alpha(fresh, tokenizer, scores, heldout, ks=[1, 4, 16], alphas=[1.0, 10.0],
+                                  criterion="margin", progress=False)
+    assert by_margin.score == by_margin.margin == max(cell[2] for cell in by_margin.cells)
+    with pytest.raises(ValueError, match="Unknown criterion"):
+        choose_k_alpha(fresh, tokenizer, scores, heldout, criterion="accuracy")
 
 
 def test_holdout_split_is_deterministic_and_checked():
@@ -75,7 +92,8 @@ def test_pairs_whose_texts_do_not_both_continue_are_skipped_or_refused():
     model, tokenizer = tiny_model("llama"), char_tokenizer()
     with pytest.warns(UserWarning, match="1 of 2 held-out pairs are skipped"):
         scorer = _MarginScorer(model, tokenizer, [("abc", "abcd"), ("ab: x", "ab: yz")], batch_size=2)
-    assert scorer(model) == pytest.approx(reference_margin(model, tokenizer, [("ab: x", "ab: yz")]), abs=1e-4)
+    torch.testing.assert_close(scorer(model), reference_margins(model, tokenizer, [("ab: x", "ab: yz")]),
+                               rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="common prefix"):
         _MarginScorer(model, tokenizer, [("abc", "abcd")], batch_size=2)
 
