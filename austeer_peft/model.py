@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -413,7 +414,32 @@ def _refuse_pickled_adapters() -> None:
     save_and_load.torch_load = torch_load
 
 
+def _roll_back_failed_loads() -> None:
+    """``PeftModel.load_adapter`` registers the adapter's config before it reads the weights; when reading fails (a
+    refused pickle, a corrupt file) an AUSteer adapter would stay behind with no AUs. Remove it again: AUSteer wraps
+    nothing before its AUs are set, so the config is all there is to undo."""
+    from peft import PeftModel
+
+    original = PeftModel.load_adapter
+    if getattr(original, "_austeer_rollback", False):
+        return
+
+    @functools.wraps(original)
+    def load_adapter(self, model_id, adapter_name, *args, **kwargs):
+        existed = adapter_name in self.peft_config
+        try:
+            return original(self, model_id, adapter_name, *args, **kwargs)
+        except Exception:
+            if not existed and isinstance(self.peft_config.get(adapter_name), AUSteerConfig):
+                self.peft_config.pop(adapter_name, None)
+            raise
+
+    load_adapter._austeer_rollback = True
+    PeftModel.load_adapter = load_adapter
+
+
 _refuse_pickled_adapters()
+_roll_back_failed_loads()
 
 
 # ---------------------------------------------------------------------------------------------------- dispatched models

@@ -166,6 +166,7 @@ def test_pickled_adapter_is_refused_unless_the_user_opts_in(tmp_path, monkeypatc
     other = get_peft_model(tiny_model("llama"), AUSteerConfig(sites="attention"))
     with pytest.raises(ValueError, match="AUSTEER_ALLOW_PICKLE=1"):
         other.load_adapter(tmp_path, adapter_name="pickled")
+    assert list(other.peft_config) == ["default"]  # nothing left behind: the name can be used again
 
     monkeypatch.setenv("AUSTEER_ALLOW_PICKLE", "1")
     loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
