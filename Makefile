@@ -19,7 +19,8 @@ install: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
+# The main job on the embedded default model: AUSteer (attention, ffn) vs vanilla, block-level and CAA on SST-2.
 demo: $(VENV)/.installed
-	$(PY) examples/quickstart.py
+	HF_HUB_OFFLINE=1 $(PY) -m austeer_peft.cli sweep --task sst2 --n-validation 50 --output demo-output --force
 
 .PHONY: install test demo
