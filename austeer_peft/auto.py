@@ -27,7 +27,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .evaluate.scoring import continuation_logprobs
-from .fit import _accepts, _base_model, _input_device, _max_length, _pad_token_id, tokenize_pairs
+from .evaluate.runner import _pad_left, forward_logits
+from .fit import _base_model, _max_length, _pad_token_id, tokenize_pairs
 from .momentum import MomentumScores, _check_alpha
 from .sweep import DEFAULT_ALPHAS, DEFAULT_KS
 
@@ -131,31 +132,19 @@ class _MarginScorer:
                           "other, so there are no two continuations to compare.", stacklevel=3)
         self.sequences, self.starts, self.batch_size = sequences, starts, batch_size
         self.pad_id = _pad_token_id(tokenizer)
-        self.device = _input_device(base)
-        self.accepts_position_ids = _accepts(base, "position_ids")
-        self.accepts_logits_to_keep = _accepts(base, "logits_to_keep")
 
     @torch.inference_mode()
     def __call__(self, model: nn.Module) -> torch.Tensor:
         totals = torch.zeros(len(self.sequences), dtype=torch.float64)
         for start in range(0, len(self.sequences), 2 * self.batch_size):
             rows = list(range(start, min(start + 2 * self.batch_size, len(self.sequences))))
-            width = max(len(self.sequences[r]) for r in rows)
+            batch = _pad_left([self.sequences[r] for r in rows], self.pad_id)
+            width = batch["input_ids"].shape[1]
             window = max(len(self.sequences[r]) - self.starts[r] for r in rows) + 1  # continuation + one before it
-            input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-            attention_mask = torch.zeros_like(input_ids)
-            continuation = torch.zeros_like(input_ids)
+            continuation = torch.zeros_like(batch["input_ids"])
             for i, r in enumerate(rows):
-                sequence, offset = self.sequences[r], width - len(self.sequences[r])
-                input_ids[i, offset:] = torch.tensor(sequence)
-                attention_mask[i, offset:] = 1
-                continuation[i, offset + self.starts[r]:] = 1
-            inputs = {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device),
-                      "use_cache": False}
-            if self.accepts_position_ids:
-                inputs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0).to(self.device)
-            if self.accepts_logits_to_keep:
-                inputs["logits_to_keep"] = window
-            logits = model(**inputs).logits[:, -window:].float().cpu()
-            totals[rows] = continuation_logprobs(logits, input_ids[:, -window:], continuation[:, -window:]).double()
+                continuation[i, width - len(self.sequences[r]) + self.starts[r]:] = 1
+            logits = forward_logits(model, batch, keep=window)
+            totals[rows] = continuation_logprobs(logits, batch["input_ids"][:, -window:],
+                                                 continuation[:, -window:]).double()
         return totals[0::2] - totals[1::2]

@@ -118,18 +118,24 @@ def _score_first_token(model, tokenizer, task, data, scoring, batch_size, progre
     return SplitResult(scoring, results[scoring], {other: results[other]}, forwards)
 
 
-def _next_token_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits [batch, vocab] at the last position of left-padded inputs (the LM head runs on that position only)."""
+def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor], keep: Optional[int] = None) -> torch.Tensor:
+    """Float32 CPU logits of the last ``keep`` positions (all when None) of a padded batch (``input_ids``,
+    ``attention_mask``, ``position_ids``); the LM head runs on those positions only where the model allows it."""
     base = _base_model(model)
     inputs = dict(batch)
     if not _accepts(base, "position_ids"):
         inputs.pop("position_ids")
-    if _accepts(base, "logits_to_keep"):
-        inputs["logits_to_keep"] = 1
     device = _input_device(base)
-    outputs = model(**{name: value.to(device) for name, value in inputs.items() if torch.is_tensor(value)},
-                    **{name: value for name, value in inputs.items() if not torch.is_tensor(value)}, use_cache=False)
-    return outputs.logits[:, -1].float().cpu()
+    inputs = {name: value.to(device) for name, value in inputs.items()}
+    if keep is not None and _accepts(base, "logits_to_keep"):
+        inputs["logits_to_keep"] = keep
+    logits = model(**inputs, use_cache=False).logits
+    return (logits if keep is None else logits[:, -keep:]).float().cpu()
+
+
+def _next_token_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits [batch, vocab] at the last position of left-padded inputs."""
+    return forward_logits(model, batch, keep=1)[:, -1]
 
 
 # ------------------------------------------------------------------------------------------------ log-likelihood
@@ -158,7 +164,7 @@ def _score_loglik(model, tokenizer, data, batch_size, progress) -> SplitResult:
         mask = torch.zeros_like(batch["input_ids"])
         for row, j in enumerate(chunk):
             mask[row, width - len(sequences[j]) + spans[j]:] = 1
-        logits = _all_logits(model, batch)
+        logits = forward_logits(model, batch)
         forwards += 1
         for row, value in zip(chunk, continuation_logprobs(logits, batch["input_ids"], mask).tolist()):
             totals[row] = value
@@ -166,15 +172,6 @@ def _score_loglik(model, tokenizer, data, batch_size, progress) -> SplitResult:
     for owner, total in zip(owners, totals):
         option_logprobs[owner].append(total)
     return SplitResult("loglik", loglik_choice_correct(option_logprobs, list(data["label"])), {}, forwards)
-
-
-def _all_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    base = _base_model(model)
-    inputs = dict(batch)
-    if not _accepts(base, "position_ids"):
-        inputs.pop("position_ids")
-    device = _input_device(base)
-    return model(**{name: value.to(device) for name, value in inputs.items()}, use_cache=False).logits.float().cpu()
 
 
 # ------------------------------------------------------------------------------------------------ generation
