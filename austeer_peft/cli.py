@@ -142,9 +142,13 @@ def load_model_from_args(args: argparse.Namespace):
     return load_model(args.model, dtype=getattr(torch, args.dtype))
 
 
-def _output_folder(path: Path, force: bool) -> Path:
+def _refuse_nonempty(path: Path, force: bool) -> None:
     if path.exists() and any(path.iterdir()) and not force:
         raise CommandError(f"{path} is not empty; pass --force to write into it anyway.")
+
+
+def _output_folder(path: Path, force: bool) -> Path:
+    _refuse_nonempty(path, force)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -335,8 +339,7 @@ def run_merge(args: argparse.Namespace) -> int:
 
     from .export import merge_and_save
 
-    if args.output.exists() and any(args.output.iterdir()) and not args.force:
-        raise CommandError(f"{args.output} is not empty; pass --force to write into it anyway.")
+    _refuse_nonempty(args.output, args.force)
     output = merge_and_save(args.model, args.adapter, args.output, dtype=getattr(torch, args.dtype))
     files = sorted(p.name for p in output.iterdir() if p.is_file())
     print(f"Merged {args.adapter} into {args.model}: {output} ({', '.join(files)}).")
