@@ -108,12 +108,19 @@ def _criterion(margins: torch.Tensor, criterion: str) -> float:
 
 
 class _MarginScorer:
-    """Held-out margins of a model, one per pair: the pairs are tokenized and batched once, then scored per cell."""
+    """Held-out margins of a model, one per pair: the pairs are tokenized and batched once, then scored per cell.
+
+    A pair whose two continuations are one token each (" yes" / " no", " A" / " B") is scored from one forward of
+    the common prefix, reading both tokens' log-probabilities at its last position; in a causal model that equals
+    scoring the two full texts, at half the cost. Other pairs forward both texts."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, heldout: Sequence[tuple[str, str]], batch_size: int):
         base = _base_model(model)
         token_pairs = tokenize_pairs(tokenizer, list(heldout), max_length=_max_length(None, tokenizer, base))
-        sequences, starts, skipped = [], [], 0
+        # Per forwarded sequence: its tokens, where its scored continuation starts, and for a shared prefix the
+        # (positive, negative) next tokens. Per pair: the rows of its positive and negative texts (one row twice
+        # for a shared prefix).
+        sequences, starts, next_tokens, pair_rows, skipped = [], [], [], [], 0
         for positive, negative in token_pairs:
             shared = 0
             while shared < min(len(positive), len(negative)) and positive[shared] == negative[shared]:
@@ -122,29 +129,51 @@ class _MarginScorer:
             if shared >= len(positive) or shared >= len(negative):
                 skipped += 1  # one text is a prefix of the other: no two continuations to compare
                 continue
-            sequences += [positive, negative]
-            starts += [shared, shared]
+            if len(positive) == len(negative) == shared + 1:
+                pair_rows.append((len(sequences), len(sequences)))
+                sequences.append(positive[:shared])
+                starts.append(shared)
+                next_tokens.append((positive[shared], negative[shared]))
+            else:
+                pair_rows.append((len(sequences), len(sequences) + 1))
+                sequences += [positive, negative]
+                starts += [shared, shared]
+                next_tokens += [None, None]
         if not sequences:
             raise ValueError("In no held-out pair do both texts continue past their common prefix (one is a prefix of "
                              "the other); use (prompt, chosen, rejected) pairs with different non-empty answers.")
         if skipped:
             warnings.warn(f"{skipped} of {len(token_pairs)} held-out pairs are skipped: one text is a prefix of the "
                           "other, so there are no two continuations to compare.", stacklevel=3)
-        self.sequences, self.starts, self.batch_size = sequences, starts, batch_size
+        self.sequences, self.starts, self.next_tokens, self.batch_size = sequences, starts, next_tokens, batch_size
+        self.positive_rows = torch.tensor([rows[0] for rows in pair_rows])
+        self.negative_rows = torch.tensor([rows[1] for rows in pair_rows])
+        self.two_texts = self.positive_rows != self.negative_rows
         self.pad_id = _pad_token_id(tokenizer)
+        self.forwarded_rows = 0  # sequences run through the model so far (tests count them)
 
     @torch.inference_mode()
     def __call__(self, model: nn.Module) -> torch.Tensor:
-        totals = torch.zeros(len(self.sequences), dtype=torch.float64)
+        # Per row: a text's summed continuation log-probability, or for a shared prefix the margin itself.
+        values = torch.zeros(len(self.sequences), dtype=torch.float64)
         for start in range(0, len(self.sequences), 2 * self.batch_size):
             rows = list(range(start, min(start + 2 * self.batch_size, len(self.sequences))))
             batch = _pad_left([self.sequences[r] for r in rows], self.pad_id)
             width = batch["input_ids"].shape[1]
-            window = max(len(self.sequences[r]) - self.starts[r] for r in rows) + 1  # continuation + one before it
+            # The continuation plus the position before it; a shared prefix needs its last position only.
+            window = max(1 if self.next_tokens[r] else len(self.sequences[r]) - self.starts[r] + 1 for r in rows)
             continuation = torch.zeros_like(batch["input_ids"])
             for i, r in enumerate(rows):
-                continuation[i, width - len(self.sequences[r]) + self.starts[r]:] = 1
+                if self.next_tokens[r] is None:
+                    continuation[i, width - len(self.sequences[r]) + self.starts[r]:] = 1
             logits = forward_logits(model, batch, keep=window)
-            totals[rows] = continuation_logprobs(logits, batch["input_ids"][:, -window:],
-                                                 continuation[:, -window:]).double()
-        return totals[0::2] - totals[1::2]
+            self.forwarded_rows += len(rows)
+            totals = continuation_logprobs(logits, batch["input_ids"][:, -window:], continuation[:, -window:])
+            last = torch.log_softmax(logits[:, -1].double(), dim=-1)
+            for i, r in enumerate(rows):
+                if self.next_tokens[r] is None:
+                    values[r] = totals[i]
+                else:
+                    chosen, rejected = self.next_tokens[r]
+                    values[r] = last[i, chosen] - last[i, rejected]
+        return values[self.positive_rows] - torch.where(self.two_texts, values[self.negative_rows], 0.0)

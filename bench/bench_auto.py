@@ -5,6 +5,9 @@ fit split for each site, scores the test split once, and prints both test accura
 labels are used by the automatic choice.
 
     python bench/bench_auto.py --task sst2 --n-validation 50 --sweep-results out-sst2/results.json
+
+The two can also run side by side: without ``--sweep-results`` the automatic rows are written to ``--output``, and
+``--compare auto.json --sweep-results results.json`` prints the comparison later without running anything.
 """
 
 from __future__ import annotations
@@ -29,11 +32,17 @@ def main() -> None:
     parser.add_argument("--n-test", type=int)
     parser.add_argument("--sites", nargs="+", default=["attention", "ffn"])
     parser.add_argument("--criterion", default="preference", choices=["preference", "margin"])
-    parser.add_argument("--sweep-results", type=Path, required=True, help="results.json of `austeer sweep`")
-    parser.add_argument("--output", type=Path, help="write the comparison as JSON here")
+    parser.add_argument("--sweep-results", type=Path, help="results.json of `austeer sweep` on the same splits")
+    parser.add_argument("--output", type=Path, help="write the automatic rows (and the comparison) as JSON here")
+    parser.add_argument("--compare", type=Path, help="a JSON written by --output: print it against --sweep-results")
     args = parser.parse_args()
+    if args.compare is not None:
+        if args.sweep_results is None:
+            parser.error("--compare needs --sweep-results")
+        saved = json.loads(args.compare.read_text())
+        report(saved["task"], saved["vanilla"], saved["note"], add_sweep(saved["rows"], args.sweep_results))
+        return
 
-    sweep = {row["method"]: row for row in json.loads(args.sweep_results.read_text())["results"]}
     task = load_task(args.task, n_fit=args.n_fit, n_validation=args.n_validation)
     if args.n_test is not None:
         task.test = task.test.select(range(args.n_test))
@@ -47,7 +56,6 @@ def main() -> None:
         seconds = time.perf_counter() - started
         test = evaluate_split(result.peft_model, tokenizer, task, "test")
         mean, low, high = bootstrap_ci(test.correct)
-        swept = sweep[f"AUSteer-{site}"]
         rows.append({"site": site, "criterion": args.criterion, "auto_k": result.auto.k,
                      "auto_alpha": result.auto.alpha, "auto_score": result.auto.score,
                      "vanilla_score": result.auto.vanilla_score,
@@ -55,17 +63,33 @@ def main() -> None:
                      "heldout_pairs": result.auto.num_heldout, "auto_test": round(100 * mean, 2),
                      "auto_ci": [round(100 * low, 2), round(100 * high, 2)],
                      "p_vs_vanilla": paired_test(vanilla.correct, test.correct),
-                     "sweep_k": swept["settings"]["k"], "sweep_alpha": swept["settings"]["alpha"],
-                     "sweep_test": swept["test_accuracy"], "fit_seconds": round(seconds, 1)})
+                     "fit_seconds": round(seconds, 1)})
         model = result.peft_model.unload()
-    print(f"{task.name} ({len(task.test)} test examples), vanilla {100 * vanilla.accuracy:.1f} %; {task.split_note}")
-    for row in rows:
-        print(f"  {row['site']:<10} auto k={row['auto_k']:<3} α={row['auto_alpha']:<5g} {row['auto_test']:5.1f} %  |  "
-              f"sweep k={row['sweep_k']:<3} α={row['sweep_alpha']:<5g} {row['sweep_test']:5.1f} %  "
-              f"(auto − sweep {row['auto_test'] - row['sweep_test']:+.1f}; fit + choice {row['fit_seconds']:.0f} s)")
+    note = f"{len(task.test)} test examples; {task.split_note}"
+    if args.sweep_results is not None:
+        rows = add_sweep(rows, args.sweep_results)
     if args.output is not None:
-        args.output.write_text(json.dumps({"task": task.name, "vanilla": 100 * vanilla.accuracy, "rows": rows},
-                                          indent=2))
+        args.output.write_text(json.dumps({"task": task.name, "vanilla": 100 * vanilla.accuracy, "note": note,
+                                           "rows": rows}, indent=2))
+    report(task.name, 100 * vanilla.accuracy, note, rows)
+
+
+def add_sweep(rows: list[dict], sweep_results: Path) -> list[dict]:
+    """The automatic rows with the labelled-validation sweep's chosen cell and test accuracy for the same site."""
+    sweep = {row["method"]: row for row in json.loads(sweep_results.read_text())["results"]}
+    return [{**row, "sweep_k": sweep[f"AUSteer-{row['site']}"]["settings"]["k"],
+             "sweep_alpha": sweep[f"AUSteer-{row['site']}"]["settings"]["alpha"],
+             "sweep_test": sweep[f"AUSteer-{row['site']}"]["test_accuracy"]} for row in rows]
+
+
+def report(task: str, vanilla: float, note: str, rows: list[dict]) -> None:
+    print(f"{task}, vanilla {vanilla:.1f} %; {note}")
+    for row in rows:
+        line = f"  {row['site']:<10} auto k={row['auto_k']:<3} α={row['auto_alpha']:<5g} {row['auto_test']:5.1f} %"
+        if "sweep_test" in row:
+            line += (f"  |  sweep k={row['sweep_k']:<3} α={row['sweep_alpha']:<5g} {row['sweep_test']:5.1f} %  "
+                     f"(auto − sweep {row['auto_test'] - row['sweep_test']:+.1f})")
+        print(f"{line}; fit + choice {row['fit_seconds']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -113,3 +113,18 @@ def test_fit_with_auto_k_and_alpha_counts_on_the_rest_and_keeps_the_choice():
     assert {cell[0] for cell in fixed.auto.cells} == {3} and len(fixed.auto.cells) == 7
     with pytest.raises(ValueError, match="alpha"):
         fit_austeer(fixed.peft_model.unload(), tokenizer, pairs, sites=["ffn"], k="auto", alpha=-1.0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_one_token_answers_are_scored_from_one_forward_of_the_prompt(family):
+    """(prompt + " y", prompt + " n") pairs forward the prompt once; mixed with two-text pairs in the same batches,
+    every margin still equals the unbatched two-text reference."""
+    model, tokenizer = tiny_model(family), char_tokenizer()
+    one_token = [(p + ": y", p + ": n") for p, _ in random_pairs(5, seed=4)]
+    two_texts = random_pairs(4, seed=5)
+    pairs = [pair for group in zip(one_token, two_texts) for pair in group] + one_token[4:]
+    scorer = _MarginScorer(model, tokenizer, pairs, batch_size=2)
+    margins = scorer(model)
+    torch.testing.assert_close(margins, reference_margins(model, tokenizer, pairs), rtol=1e-4, atol=1e-4)
+    assert scorer.forwarded_rows == len(one_token) + 2 * len(two_texts)
+    assert torch.all(margins != 0)
