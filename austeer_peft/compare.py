@@ -61,6 +61,7 @@ class Comparison:
     methods: list[MethodResult]
     sweeps: list[SweepResult]
     seconds: float
+    choices: Optional[list[str]] = None  # the task's shared choices (None: per-row options)
 
     def table(self) -> list[dict[str, Any]]:
         """Rows of the results table, with 95 % bootstrap CIs and the paired test against vanilla."""
@@ -76,9 +77,17 @@ class Comparison:
                 "validation_accuracy": None if method.validation_accuracy is None else
                 round(100 * method.validation_accuracy, 2),
                 **({"also_" + name: round(100 * sum(v) / len(v), 2) for name, v in method.test.also.items()}),
+                "predicted": self._predicted(method.test),
                 "settings": method.settings,
             })
         return rows
+
+    def _predicted(self, test: SplitResult) -> Optional[dict[str, float]]:
+        """Percent of test examples answered with each choice: shows when a gain is a shifted preference."""
+        if test.predicted is None:
+            return None
+        names = self.choices or [f"option {i + 1}" for i in range(1 + max(test.predicted))]
+        return {name: round(100 * share, 1) for name, share in test.predicted_shares(names).items()}
 
     def format_table(self) -> str:
         lines = [f"{self.task}: test {self.sizes['test']} examples, scoring {self.scoring}; {self.split_note}",
@@ -170,7 +179,7 @@ def compare_methods(
                             scoring, batch_size, output, progress))
 
     comparison = Comparison(task.name, task.split_note, vanilla_test.scoring, task.sizes, methods, sweeps,
-                            time.perf_counter() - started)
+                            time.perf_counter() - started, task.choices)
     if output is not None:
         _write_outputs(comparison, scores, peft_model, output)
     return comparison

@@ -17,8 +17,8 @@ def table(path: Path) -> str:
              f"scoring `{summary['scoring']}`; {summary['split_note']} Whole run {summary['seconds'] / 60:.0f} min.",
              "",
              "| method | #steered | test accuracy (95 % CI) | p vs vanilla | greedy (paper metric) | validation | "
-             "adapter bytes | fit s | chosen |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "adapter bytes | fit s | chosen | answers (% of test) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in summary["results"]:
         settings = row["settings"]
         if "blocks" in settings:
@@ -34,8 +34,15 @@ def table(path: Path) -> str:
         lines.append(f"| {row['method']} | {row['steered']} | {row['test_accuracy']:.1f} ({row['ci_low']:.1f}–"
                      f"{row['ci_high']:.1f}) | {p_value} | {'' if greedy is None else f'{greedy:.1f}'} | "
                      f"{row['validation_accuracy']:.0f} | {row['adapter_bytes']} | {row['fit_seconds']:.0f} | "
-                     f"{chosen} |")
+                     f"{chosen} | {answers(row.get('predicted'))} |")
     return "\n".join(lines)
+
+
+def answers(shares) -> str:
+    """"yes 62 · no 38": how often each choice was the answer (runs before this column existed show nothing)."""
+    if not shares:
+        return ""
+    return " · ".join(f"{name.strip()} {share:.0f}" for name, share in shares.items())
 
 
 if __name__ == "__main__":

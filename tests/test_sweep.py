@@ -50,16 +50,24 @@ def test_restricted_and_greedy_match_a_per_example_reference():
     model, tokenizer, task = tiny_model("llama"), char_tokenizer(), toy_task()
     result = evaluate_split(model, tokenizer, task, "test", batch_size=5)
     x, y = tokenizer.convert_tokens_to_ids(["x", "y"])
-    restricted, greedy = [], []
+    restricted, greedy, answers = [], [], []
     for row in task.test:
         with torch.no_grad():
             last = model(torch.tensor([tokenizer(row["prompt"])["input_ids"]])).logits[0, -1]
         correct_id = (x, y)[row["label"]]
-        restricted.append(int(last[[x, y]].argmax()) == row["label"])
+        answers.append(int(last[[x, y]].argmax()))
+        restricted.append(answers[-1] == row["label"])
         greedy.append(int(last.argmax()) == correct_id)
     assert result.scoring == "restricted" and result.correct == restricted
     assert result.also["greedy"] == greedy
     assert result.forwards == 3  # 12 examples in batches of 5
+    assert result.predicted == answers
+    shares = result.predicted_shares(["x", "y"])
+    assert shares == {"x": answers.count(0) / 12, "y": answers.count(1) / 12}
+    # Under greedy scoring an answer that is neither choice counts as "none".
+    greedy_result = evaluate_split(model, tokenizer, task, "test", "greedy", batch_size=5)
+    assert [p == row["label"] for p, row in zip(greedy_result.predicted, task.test)] == greedy
+    assert sum(greedy_result.predicted_shares(["x", "y"]).values()) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -74,7 +82,7 @@ def test_loglik_equals_restricted_for_one_token_choices():
     model, tokenizer, task = tiny_model("qwen2"), char_tokenizer(), toy_task()
     restricted = evaluate_split(model, tokenizer, task, "test", "restricted", batch_size=4)
     loglik = evaluate_split(model, tokenizer, task, "test", "loglik", batch_size=4)
-    assert loglik.correct == restricted.correct
+    assert loglik.correct == restricted.correct and loglik.predicted == restricted.predicted
 
 
 def test_generation_scoring_reads_the_last_number():
@@ -236,6 +244,13 @@ def test_compare_methods_writes_the_table_and_reloadable_adapters(tmp_path):
     table = comparison.table()
     assert [row["method"] for row in table] == ["vanilla", "AUSteer-attention", "AUSteer-ffn", "block-level", "CAA"]
     assert all(0 <= row["ci_low"] <= row["test_accuracy"] <= row["ci_high"] <= 100 for row in table)
+    # How often each choice was the answer, consistent with the accuracy and the labels.
+    labels = task.test["label"]
+    for row, method in zip(table, comparison.methods):
+        assert set(row["predicted"]) <= {"x", "y"} and sum(row["predicted"].values()) == pytest.approx(100, abs=0.2)
+        answered_x = sum((ok and label == 0) or (not ok and label == 1)
+                         for ok, label in zip(method.test.correct, labels))
+        assert row["predicted"].get("x", 0.0) == round(100 * answered_x / len(labels), 1)
     summary = json.loads((tmp_path / "results.json").read_text())
     assert summary["results"] == json.loads(json.dumps(table))
     with open(tmp_path / "sweep.csv") as handle:

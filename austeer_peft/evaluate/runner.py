@@ -31,9 +31,9 @@ from .scoring import (
     choice_token_ids,
     continuation_logprobs,
     generation_correct,
-    greedy_choice_correct,
-    loglik_choice_correct,
-    restricted_choice_correct,
+    greedy_choice_predictions,
+    loglik_choice_predictions,
+    restricted_choice_predictions,
 )
 from .tasks import Task
 
@@ -49,10 +49,21 @@ class SplitResult:
     correct: list[bool]
     also: dict[str, list[bool]]  # e.g. {"greedy": [...]} next to "restricted"
     forwards: int  # model forward (or generate) calls made
+    # Choice tasks: the index of the choice each example was answered with under `scoring` (-1: greedy emitted none
+    # of them), so a report can show whether a gain is a shifted answer preference. None for generation.
+    predicted: Optional[list[int]] = None
 
     @property
     def accuracy(self) -> float:
         return sum(self.correct) / len(self.correct)
+
+    def predicted_shares(self, choices: Sequence[str]) -> Optional[dict[str, float]]:
+        """Share of the examples answered with each choice (and "none", when greedy emitted none of them)."""
+        if self.predicted is None:
+            return None
+        names = [*choices, "none"]
+        counts = [self.predicted.count(i) for i in range(len(choices))] + [self.predicted.count(-1)]
+        return {name: n / len(self.predicted) for name, n in zip(names, counts) if n or name != "none"}
 
 
 def default_scoring(task: Task) -> str:
@@ -103,19 +114,18 @@ def evaluate_split(
 def _score_first_token(model, tokenizer, task, data, scoring, batch_size, progress) -> SplitResult:
     choice_ids = choice_token_ids(tokenizer, task.choices, prompt=data[0]["prompt"])
     prompts, labels = list(data["prompt"]), list(data["label"])
-    restricted, greedy = [None] * len(prompts), [None] * len(prompts)
+    predicted = {"restricted": [0] * len(prompts), "greedy": [0] * len(prompts)}
     forwards = 0
     for rows, batch in tqdm(list(_left_padded_batches(tokenizer, prompts, batch_size)), desc="scoring",
                             unit="batch", disable=not progress):
         logits = _next_token_logits(model, batch)
         forwards += 1
-        row_labels = [labels[i] for i in rows]
-        for i, r, g in zip(rows, restricted_choice_correct(logits, choice_ids, row_labels),
-                           greedy_choice_correct(logits, choice_ids, row_labels)):
-            restricted[i], greedy[i] = r, g
-    results = {"restricted": restricted, "greedy": greedy}
+        for i, r, g in zip(rows, restricted_choice_predictions(logits, choice_ids),
+                           greedy_choice_predictions(logits, choice_ids)):
+            predicted["restricted"][i], predicted["greedy"][i] = r, g
+    results = {name: [p == label for p, label in zip(values, labels)] for name, values in predicted.items()}
     other = "greedy" if scoring == "restricted" else "restricted"
-    return SplitResult(scoring, results[scoring], {other: results[other]}, forwards)
+    return SplitResult(scoring, results[scoring], {other: results[other]}, forwards, predicted[scoring])
 
 
 def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor], keep: Optional[int] = None) -> torch.Tensor:
@@ -171,7 +181,9 @@ def _score_loglik(model, tokenizer, data, batch_size, progress) -> SplitResult:
     option_logprobs: list[list[float]] = [[] for _ in range(len(data))]
     for owner, total in zip(owners, totals):
         option_logprobs[owner].append(total)
-    return SplitResult("loglik", loglik_choice_correct(option_logprobs, list(data["label"])), {}, forwards)
+    predicted = loglik_choice_predictions(option_logprobs)
+    correct = [p == label for p, label in zip(predicted, data["label"])]
+    return SplitResult("loglik", correct, {}, forwards, predicted)
 
 
 # ------------------------------------------------------------------------------------------------ generation
