@@ -248,9 +248,13 @@ def run_eval(args: argparse.Namespace) -> int:
         if name == "adapter":
             p_value = paired_test(vanilla.correct, result.correct)
             line += f"  paired test vs vanilla p = {p_value:.3g}"
+        shares = result.predicted_shares(task.choices)
+        if shares is not None:
+            line += "  answers: " + " · ".join(f"{c.strip()} {100 * share:.0f} %" for c, share in shares.items())
         print(line)
         summary["results"][name] = {"accuracy": mean, "ci": [low, high], "correct": result.correct,
-                                    **{f"also_{k}": sum(v) / len(v) for k, v in result.also.items()}}
+                                    **{f"also_{k}": sum(v) / len(v) for k, v in result.also.items()},
+                                    "predicted": shares}
     if args.output is not None:
         args.output.mkdir(parents=True, exist_ok=True)
         (args.output / "results.json").write_text(json.dumps(summary, indent=2))

@@ -86,8 +86,7 @@ class Comparison:
         """Percent of test examples answered with each choice: shows when a gain is a shifted preference."""
         if test.predicted is None:
             return None
-        names = self.choices or [f"option {i + 1}" for i in range(1 + max(test.predicted))]
-        return {name: round(100 * share, 1) for name, share in test.predicted_shares(names).items()}
+        return {name: round(100 * share, 1) for name, share in test.predicted_shares(self.choices).items()}
 
     def format_table(self) -> str:
         lines = [f"{self.task}: test {self.sizes['test']} examples, scoring {self.scoring}; {self.split_note}",

@@ -239,6 +239,10 @@ def test_sweep_fit_eval_end_to_end_on_a_real_task_slice(tmp_path, capsys):
     assert round(100 * evaluated["results"]["adapter"]["accuracy"], 2) == ffn["test_accuracy"]
     assert round(100 * evaluated["results"]["vanilla"]["accuracy"], 2) == summary["results"][0]["test_accuracy"]
     assert "paired test vs vanilla" in capsys.readouterr().out
+    # Both report how often each choice was the answer, the same way.
+    for name, row in (("vanilla", summary["results"][0]), ("adapter", ffn)):
+        shares = evaluated["results"][name]["predicted"]
+        assert {c: round(100 * v, 1) for c, v in shares.items()} == row["predicted"]
 
     # `austeer fit` with the sweep's best (k, α) on the same pairs gives the same AUs.
     assert main(["fit", "--model", model, *SLICE, "--sites", "ffn", "--k", str(ffn["settings"]["k"]),

@@ -57,10 +57,12 @@ class SplitResult:
     def accuracy(self) -> float:
         return sum(self.correct) / len(self.correct)
 
-    def predicted_shares(self, choices: Sequence[str]) -> Optional[dict[str, float]]:
-        """Share of the examples answered with each choice (and "none", when greedy emitted none of them)."""
+    def predicted_shares(self, choices: Optional[Sequence[str]]) -> Optional[dict[str, float]]:
+        """Share of the examples answered with each choice (and "none", when greedy emitted none of them); with
+        per-row options (``choices`` None) the options are named by position."""
         if self.predicted is None:
             return None
+        choices = choices or [f"option {i + 1}" for i in range(1 + max(self.predicted))]
         names = [*choices, "none"]
         counts = [self.predicted.count(i) for i in range(len(choices))] + [self.predicted.count(-1)]
         return {name: n / len(self.predicted) for name, n in zip(names, counts) if n or name != "none"}
