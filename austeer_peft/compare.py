@@ -91,13 +91,14 @@ class Comparison:
     def format_table(self) -> str:
         lines = [f"{self.task}: test {self.sizes['test']} examples, scoring {self.scoring}; {self.split_note}",
                  f"{'method':<20} {'#steered':>9} {'test accuracy (95 % CI)':>26} {'p vs vanilla':>12} "
-                 f"{'adapter bytes':>13} {'fit s':>7}  settings"]
+                 f"{'adapter bytes':>13} {'fit s':>7}  {'answers (% of test)':<22} settings"]
         for row in self.table():
             accuracy = f"{row['test_accuracy']:.1f} ({row['ci_low']:.1f}–{row['ci_high']:.1f})"
             p_value = "" if row["p_vs_vanilla"] is None else f"{row['p_vs_vanilla']:.3g}"
+            answers = " · ".join(f"{name.strip()} {share:.0f}" for name, share in (row["predicted"] or {}).items())
             settings = ", ".join(f"{key}={value}" for key, value in row["settings"].items())
             lines.append(f"{row['method']:<20} {row['steered']:>9} {accuracy:>26} {p_value:>12} "
-                         f"{row['adapter_bytes']:>13} {row['fit_seconds']:>7.1f}  {settings}")
+                         f"{row['adapter_bytes']:>13} {row['fit_seconds']:>7.1f}  {answers:<22} {settings}")
         return "\n".join(lines)
 
 

@@ -224,6 +224,7 @@ def test_sweep_fit_eval_end_to_end_on_a_real_task_slice(tmp_path, capsys):
     for method in ("vanilla", "AUSteer-attention", "AUSteer-ffn", "block-level", "CAA"):
         assert method in printed
     assert "Test scored on its first 16 examples only." in printed
+    assert "answers (% of test)" in printed and "positive" in printed.split("answers (% of test)")[1]
     summary = json.loads((out / "results.json").read_text())
     assert summary["sizes"] == {"fit": 16, "validation": 16, "test": 16}
     assert [row["method"] for row in summary["results"]][:3] == ["vanilla", "AUSteer-attention", "AUSteer-ffn"]
