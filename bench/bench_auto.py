@@ -77,9 +77,12 @@ def main() -> None:
 def add_sweep(rows: list[dict], sweep_results: Path) -> list[dict]:
     """The automatic rows with the labelled-validation sweep's chosen cell and test accuracy for the same site."""
     sweep = {row["method"]: row for row in json.loads(sweep_results.read_text())["results"]}
-    return [{**row, "sweep_k": sweep[f"AUSteer-{row['site']}"]["settings"]["k"],
-             "sweep_alpha": sweep[f"AUSteer-{row['site']}"]["settings"]["alpha"],
-             "sweep_test": sweep[f"AUSteer-{row['site']}"]["test_accuracy"]} for row in rows]
+    merged = []
+    for row in rows:
+        swept = sweep[f"AUSteer-{row['site']}"]
+        merged.append({**row, "sweep_k": swept["settings"]["k"], "sweep_alpha": swept["settings"]["alpha"],
+                       "sweep_test": swept["test_accuracy"]})
+    return merged
 
 
 def report(task: str, vanilla: float, note: str, rows: list[dict]) -> None:
