@@ -8,7 +8,7 @@ from conftest import tiny_model
 from test_fit import char_tokenizer, random_pairs
 
 from austeer_peft import compute_momentum, fit_austeer
-from austeer_peft.auto import _MarginScorer, choose_k_alpha, split_holdout
+from austeer_peft.auto import CRITERIA, _MarginScorer, best_cell, choose_k_alpha, split_holdout
 
 
 def reference_margins(model, tokenizer, pairs) -> torch.Tensor:
@@ -64,16 +64,43 @@ def test_choice_is_the_best_cell_and_uses_one_momentum_pass(monkeypatch):
     fresh = scores.to_adapter(choice.k, choice.alpha, peft_model.unload())
     assert reference_preference(fresh, tokenizer, heldout) == pytest.approx(choice.score, rel=1e-4, abs=1e-4)
     assert reference_margin(fresh, tokenizer, heldout) == pytest.approx(choice.margin, rel=1e-4, abs=1e-4)
+    # Every cell's held-out margins are kept; the chosen cell's are the fresh adapter's.
+    assert sorted(choice.heldout_margins) == sorted((k, a) for k in (1, 4, 16) for a in (1.0, 10.0))
+    torch.testing.assert_close(torch.tensor(choice.heldout_margins[choice.k, choice.alpha], dtype=torch.float64),
+                               reference_margins(fresh, tokenizer, heldout), rtol=1e-4, atol=1e-4)
+    assert choice.accuracy == float((torch.tensor(choice.heldout_margins[choice.k, choice.alpha]) > 0).double().mean())
     unsteered = fresh.unload()
     assert reference_preference(unsteered, tokenizer, heldout) == pytest.approx(choice.vanilla_score, rel=1e-4,
                                                                                 abs=1e-4)
     assert reference_margin(unsteered, tokenizer, heldout) == pytest.approx(choice.vanilla_margin, rel=1e-4, abs=1e-4)
+    assert choice.vanilla_accuracy == float((reference_margins(unsteered, tokenizer, heldout) > 0).double().mean())
     # The plain-margin criterion ranks the same cells by their mean margin.
     by_margin, _ = choose_k_alpha(fresh, tokenizer, scores, heldout, ks=[1, 4, 16], alphas=[1.0, 10.0],
                                   criterion="margin", progress=False)
     assert by_margin.score == by_margin.margin == max(cell[2] for cell in by_margin.cells)
-    with pytest.raises(ValueError, match="Unknown criterion"):
-        choose_k_alpha(fresh, tokenizer, scores, heldout, criterion="accuracy")
+    # Each criterion run on its own chooses the cell that `best` reads off one run's kept margins.
+    by_accuracy, _ = choose_k_alpha(fresh, tokenizer, scores, heldout, ks=[1, 4, 16], alphas=[1.0, 10.0],
+                                    criterion="accuracy", progress=False)
+    assert by_accuracy.score == by_accuracy.accuracy == max(cell[2] for cell in by_accuracy.cells)
+    for criterion, chosen in (("preference", choice), ("margin", by_margin), ("accuracy", by_accuracy)):
+        assert choice.best(criterion) == by_margin.best(criterion) == (chosen.k, chosen.alpha)
+    with pytest.raises(ValueError, match="Unknown criterion 'median'"):
+        choose_k_alpha(fresh, tokenizer, scores, heldout, criterion="median")
+
+
+def test_criteria_rank_cells_and_break_ties_toward_fewer_aus_then_smaller_alpha():
+    margins = {
+        (1, 5.0): torch.tensor([3.0, -0.1, -0.1, -0.1]),  # 1 of 4 right, small losses: best preference
+        (4, 5.0): torch.tensor([0.1, 0.1, -9.0, -9.0]),  # 2 of 4 right, big losses
+        (8, 5.0): torch.tensor([0.2, 0.2, -8.0, -8.0]),  # 2 of 4 right, a better preference than (4, 5)
+        (16, 1.0): torch.tensor([30.0, -0.5, -8.0, -8.0]),  # 1 of 4 right, the largest mean margin
+    }
+    assert best_cell(margins, "preference") == (1, 5.0)
+    assert best_cell(margins, "accuracy") == (8, 5.0)  # the tie at 2 of 4 goes to the better preference
+    assert best_cell(margins, "margin") == (16, 1.0)
+    same = torch.tensor([1.0, -1.0])
+    for criterion in CRITERIA:
+        assert best_cell({(4, 10.0): same, (2, 20.0): same, (2, 10.0): same, (8, 1.0): same}, criterion) == (2, 10.0)
 
 
 def test_holdout_split_is_deterministic_and_checked():
