@@ -42,6 +42,7 @@ MAX_HOLDOUT_PAIRS = 32  # every cell scores them once, so this bounds the cost (
 
 
 CRITERIA = ("preference", "accuracy", "margin")
+DEFAULT_CRITERION = "preference"
 
 
 @dataclass
@@ -105,7 +106,7 @@ def split_holdout(text_pairs: Sequence[tuple[str, str]], share: float = DEFAULT_
 
 def choose_k_alpha(model: nn.Module, tokenizer: Any, scores: MomentumScores, heldout: Sequence[tuple[str, str]],
                    ks: Sequence[int] = DEFAULT_KS, alphas: Sequence[float] = DEFAULT_ALPHAS, *,
-                   criterion: str = "preference", batch_size: int = 16, adapter_name: str = "default",
+                   criterion: str = DEFAULT_CRITERION, batch_size: int = 16, adapter_name: str = "default",
                    progress: bool = True):
     """Score every (k, α) cell on the held-out pairs by ``criterion`` and leave the best one set. Returns
     ``(AutoChoice, peft_model)``; ``model`` is the base model the scores were counted on (or a PeftModel holding it)."""

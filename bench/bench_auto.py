@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from austeer_peft import fit_austeer
-from austeer_peft.auto import CRITERIA
+from austeer_peft.auto import CRITERIA, DEFAULT_CRITERION
 from austeer_peft.evaluate import bootstrap_ci, load_task, paired_test
 from austeer_peft.evaluate.runner import evaluate_split
 from austeer_peft.models import load_model
@@ -32,7 +32,7 @@ from austeer_peft.models import load_model
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--task", required=True)
+    parser.add_argument("--task", help="required unless --compare or --summary")
     parser.add_argument("--n-fit", type=int)
     parser.add_argument("--n-validation", type=int)
     parser.add_argument("--n-test", type=int)
@@ -52,6 +52,8 @@ def main() -> None:
         saved = json.loads(args.compare.read_text())
         report(saved["task"], saved["vanilla"], saved["note"], add_sweep(saved["rows"], args.sweep_results))
         return
+    if args.task is None:
+        parser.error("--task is required to run (only --compare and --summary read saved runs instead)")
 
     task = load_task(args.task, n_fit=args.n_fit, n_validation=args.n_validation)
     if args.n_test is not None:
@@ -120,8 +122,9 @@ def report(task: str, vanilla: float, note: str, rows: list[dict]) -> None:
 
 
 def summarize(runs: list[dict]) -> None:
-    """Per criterion, the mean validation and test accuracy of its chosen cells over every (task, site) of the runs;
-    the criterion to keep is the one with the best mean validation accuracy."""
+    """Per criterion, the mean validation and test accuracy of its chosen cells over every (task, site) of the runs.
+    The criterion to keep is the one with the best mean validation accuracy (a tie keeps the current default); the
+    test accuracies are printed beside it, not used."""
     by_criterion: dict[str, list[dict]] = {}
     for run in runs:
         for row in run["rows"]:
@@ -133,6 +136,8 @@ def summarize(runs: list[dict]) -> None:
         if all("sweep_test" in row for row in rows):
             line += f"  mean auto − sweep {_mean(rows, 'auto_test') - _mean(rows, 'sweep_test'):+.2f}"
         print(line)
+    kept = max(by_criterion, key=lambda c: (round(_mean(by_criterion[c], "auto_validation"), 6), c == DEFAULT_CRITERION))
+    print(f"kept by validation: {kept}")
 
 
 def _mean(rows: list[dict], key: str) -> float:
