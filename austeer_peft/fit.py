@@ -72,7 +72,7 @@ def fit_austeer(
     progress: bool = True,
     distributed: Optional[bool] = None,
     holdout: float = 0.2,
-    auto_criterion: str = "preference",
+    auto_criterion: str = "accuracy",
 ) -> FitResult:
     """Fit an AUSteer adapter: count activation momentum on contrastive pairs, keep the top-k AUs, set γ from α.
 
@@ -87,9 +87,9 @@ def fit_austeer(
         alpha: steering strength α; ``γ = α·r_pos`` for promoting AUs, ``-α·r_neg`` for suppressing ones; or
             ``"auto"``. With ``"auto"``, ``holdout`` of the pairs (8 to 32 of them) are set aside, the counts come
             from the others, and the grid cell (k in 1..100, α in 1..100) under which the held-out pairs most
-            prefer their positive continuation is kept (``auto_criterion``: ``"preference"``, mean
-            ``log σ(margin)``; ``"accuracy"``, the share of pairs preferring the positive; or ``"margin"``, the plain
-            mean log-likelihood margin); see :mod:`austeer_peft.auto`.
+            prefer their positive continuation is kept (``auto_criterion``: ``"accuracy"``, the share of pairs
+            preferring the positive; ``"preference"``, mean ``log σ(margin)``; or ``"margin"``, the plain mean
+            log-likelihood margin); see :mod:`austeer_peft.auto`.
         target_modules, position: instead of ``sites``, module names whose input/output carries the AUs.
         batch_size: pairs per forward pass (each forward holds ``2 * batch_size`` sequences).
         max_length: longer sequences are cut from the left (the last token, where activations are read, survives);

@@ -54,7 +54,7 @@ def test_choice_is_the_best_cell_and_uses_one_momentum_pass(monkeypatch):
 
     monkeypatch.setattr(momentum.MomentumCounter, "count_batch", lambda *a, **k: pytest.fail("second pass"))
     choice, peft_model = choose_k_alpha(model, tokenizer, scores, heldout, ks=[1, 4, 16], alphas=[1.0, 10.0],
-                                        progress=False)
+                                        criterion="preference", progress=False)
     assert len(choice.cells) == 6 and choice.num_heldout == 10
     best = max(choice.cells, key=lambda cell: cell[2])
     assert (choice.k, choice.alpha, choice.score) == best and choice.criterion == "preference"
@@ -131,6 +131,7 @@ def test_fit_with_auto_k_and_alpha_counts_on_the_rest_and_keeps_the_choice():
     result = fit_austeer(model, tokenizer, pairs, sites=["attention", "ffn"], k="auto", alpha="auto", progress=False)
     assert result.scores.num_pairs == 32 and result.auto.num_heldout == 8
     assert len(result.auto.cells) == 8 * 7  # the sweep grid (2 sites x 2 layers x 32 dims = 128 AUs >= 100)
+    assert result.auto.criterion == "accuracy" and result.auto.score == result.auto.accuracy  # the default
     config = result.peft_model.peft_config["default"]
     assert (config.k, config.alpha) == (result.auto.k, result.auto.alpha)
     assert len(result.peft_model.get_aus()) == result.auto.k
