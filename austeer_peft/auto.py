@@ -46,7 +46,7 @@ MIN_HOLDOUT_PAIRS = 8
 MAX_HOLDOUT_PAIRS = 32  # every cell scores them once, so this bounds the cost (about one 64-example evaluation)
 
 
-CRITERIA = ("preference", "accuracy", "margin")
+CRITERIA = ("accuracy", "preference", "margin")
 DEFAULT_CRITERION = "accuracy"
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from austeer_peft import fit_austeer
-from austeer_peft.auto import CRITERIA, DEFAULT_CRITERION
+from austeer_peft.auto import CRITERIA, DEFAULT_CRITERION, criterion_key
 from austeer_peft.evaluate import bootstrap_ci, load_task, paired_test
 from austeer_peft.evaluate.runner import evaluate_split
 from austeer_peft.models import load_model
@@ -81,9 +81,8 @@ def main() -> None:
             margins = torch.tensor(choice.heldout_margins[cell])
             mean, low, high = bootstrap_ci(test.correct)
             rows.append({"site": site, "criterion": criterion, "auto_k": cell[0], "auto_alpha": cell[1],
-                         "heldout_accuracy": float((margins > 0).double().mean()),
-                         "heldout_preference": float(torch.nn.functional.logsigmoid(margins).mean()),
-                         "heldout_margin": float(margins.mean()), "heldout_pairs": choice.num_heldout,
+                         **{f"heldout_{name}": criterion_key(margins, name)[0] for name in CRITERIA},
+                         "heldout_pairs": choice.num_heldout,
                          "auto_validation": round(100 * validation.accuracy, 2),
                          "auto_test": round(100 * mean, 2), "auto_ci": [round(100 * low, 2), round(100 * high, 2)],
                          "p_vs_vanilla": paired_test(vanilla.correct, test.correct),
