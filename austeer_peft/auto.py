@@ -52,26 +52,61 @@ DEFAULT_CRITERION = "accuracy"
 
 @dataclass
 class AutoChoice:
-    """The chosen cell with its criterion value, held-out accuracy and mean margin, the same for the unsteered model,
-    every cell as ``(k, α, criterion value)``, and every cell's held-out margins (to rank them by another criterion)."""
+    """The chosen cell, the criterion that chose it, and every cell's held-out margins (one per scored pair) next to
+    the unsteered model's; the criterion values, accuracies and mean margins are read off them."""
 
     k: int
     alpha: float
-    score: float
-    vanilla_score: float
-    accuracy: float
-    vanilla_accuracy: float
-    margin: float
-    vanilla_margin: float
     criterion: str
-    cells: list[tuple[int, float, float]]
     num_heldout: int
     heldout_margins: dict[tuple[int, float], list[float]]
     vanilla_margins: list[float]
 
+    @property
+    def score(self) -> float:
+        return criterion_key(self._chosen, self.criterion)[0]
+
+    @property
+    def vanilla_score(self) -> float:
+        return criterion_key(self._vanilla, self.criterion)[0]
+
+    @property
+    def accuracy(self) -> float:
+        return _accuracy(self._chosen)
+
+    @property
+    def vanilla_accuracy(self) -> float:
+        return _accuracy(self._vanilla)
+
+    @property
+    def margin(self) -> float:
+        return float(self._chosen.mean())
+
+    @property
+    def vanilla_margin(self) -> float:
+        return float(self._vanilla.mean())
+
+    @property
+    def cells(self) -> list[tuple[int, float, float]]:
+        """Every cell as ``(k, α, criterion value)``."""
+        return [(k, alpha, criterion_key(_as_tensor(margins), self.criterion)[0])
+                for (k, alpha), margins in self.heldout_margins.items()]
+
     def best(self, criterion: str) -> tuple[int, float]:
         """The cell ``criterion`` would choose from the same held-out margins (no forward pass)."""
-        return best_cell({cell: torch.tensor(m) for cell, m in self.heldout_margins.items()}, criterion)
+        return best_cell({cell: _as_tensor(m) for cell, m in self.heldout_margins.items()}, criterion)
+
+    @property
+    def _chosen(self) -> torch.Tensor:
+        return _as_tensor(self.heldout_margins[self.k, self.alpha])
+
+    @property
+    def _vanilla(self) -> torch.Tensor:
+        return _as_tensor(self.vanilla_margins)
+
+
+def _as_tensor(margins: list[float]) -> torch.Tensor:
+    return torch.tensor(margins, dtype=torch.float64)  # as scored: the ranking sees the same values
 
 
 def best_cell(margins: dict[tuple[int, float], torch.Tensor], criterion: str) -> tuple[int, float]:
@@ -81,14 +116,18 @@ def best_cell(margins: dict[tuple[int, float], torch.Tensor], criterion: str) ->
 
 def criterion_key(margins: torch.Tensor, criterion: str) -> tuple[float, ...]:
     """What ``criterion`` maximises over one cell's held-out margins; its first entry is the reported value."""
-    if criterion not in CRITERIA:
-        raise ValueError(f"Unknown criterion {criterion!r}; expected one of {', '.join(CRITERIA)}.")
+    _check_criterion(criterion)
     preference = float(torch.nn.functional.logsigmoid(margins).mean())
     if criterion == "margin":
         return (float(margins.mean()),)
     if criterion == "accuracy":
         return (_accuracy(margins), preference)
     return (preference,)
+
+
+def _check_criterion(criterion: str) -> None:
+    if criterion not in CRITERIA:
+        raise ValueError(f"Unknown criterion {criterion!r}; expected one of {', '.join(CRITERIA)}.")
 
 
 def _accuracy(margins: torch.Tensor) -> float:
@@ -115,7 +154,7 @@ def choose_k_alpha(model: nn.Module, tokenizer: Any, scores: MomentumScores, hel
                    progress: bool = True):
     """Score every (k, α) cell on the held-out pairs by ``criterion`` and leave the best one set. Returns
     ``(AutoChoice, peft_model)``; ``model`` is the base model the scores were counted on (or a PeftModel holding it)."""
-    criterion_key(torch.zeros(1), criterion)  # checks the name before any forward pass
+    _check_criterion(criterion)  # before any forward pass
     ks = sorted({k for k in ks if k <= scores.num_aus})
     alphas = [_check_alpha(alpha) for alpha in alphas]
     if not ks:
@@ -133,11 +172,8 @@ def choose_k_alpha(model: nn.Module, tokenizer: Any, scores: MomentumScores, hel
     peft_model.set_aus(scores.select(k, alpha), adapter_name=adapter_name)
     config = peft_model.peft_config[adapter_name]
     config.k, config.alpha = k, alpha
-    chosen = margins[k, alpha]
-    choice = AutoChoice(k, alpha, criterion_key(chosen, criterion)[0], criterion_key(vanilla, criterion)[0],
-                        _accuracy(chosen), _accuracy(vanilla), float(chosen.mean()), float(vanilla.mean()), criterion,
-                        [(k_, a_, criterion_key(m, criterion)[0]) for (k_, a_), m in margins.items()], len(heldout),
-                        {cell: m.tolist() for cell, m in margins.items()}, vanilla.tolist())
+    choice = AutoChoice(k, alpha, criterion, len(heldout), {cell: m.tolist() for cell, m in margins.items()},
+                        vanilla.tolist())
     return choice, peft_model
 
 
