@@ -77,11 +77,9 @@ def greedy_choice_predictions(logits: torch.Tensor, choice_ids: ChoiceIds) -> li
 def greedy_choice_correct(logits: torch.Tensor, choice_ids: ChoiceIds, labels: Labels) -> list[bool]:
     """Paper-faithful exact match: correct iff the argmax over the WHOLE vocabulary is the correct choice's first
     token (the model must actually emit the answer)."""
-    logits = _as_logits(logits)
-    ids = _as_choice_ids(choice_ids, logits.shape[0], logits.shape[1])
-    labels = _as_labels(labels, logits.shape[0])
-    top = logits.argmax(dim=-1).tolist()
-    return [top[row] == int(ids[row, label]) for row, label in enumerate(labels)]
+    predictions = greedy_choice_predictions(logits, choice_ids)
+    labels = _as_labels(labels, len(predictions))
+    return [p == label for p, label in zip(predictions, labels)]
 
 
 # ------------------------------------------------------------------------------ multiple choice: restricted
