@@ -13,9 +13,11 @@ process ends with the scores (and adapter) of a single-process fit, byte for byt
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import inspect
 import json
+import operator
 import os
 import warnings
 from collections.abc import Iterator
@@ -71,8 +73,9 @@ def fit_austeer(
     adapter_name: str = "default",
     progress: bool = True,
     distributed: Optional[bool] = None,
-    holdout: float = 0.2,
     auto_criterion: str = "accuracy",
+    auto_folds: int = 4,
+    auto_heldout: int = 128,
 ) -> FitResult:
     """Fit an AUSteer adapter: count activation momentum on contrastive pairs, keep the top-k AUs, set γ from α.
 
@@ -85,11 +88,12 @@ def fit_austeer(
         sites: ``"attention"``, ``"ffn"``, ``"ffn_inner"``, ``"residual"`` or a list of them (default attention).
         k: number of AUs to steer (top-k over all layers and sites), or ``"auto"``.
         alpha: steering strength α; ``γ = α·r_pos`` for promoting AUs, ``-α·r_neg`` for suppressing ones; or
-            ``"auto"``. With ``"auto"``, ``holdout`` of the pairs (8 to 32 of them) are set aside, the counts come
-            from the others, and the grid cell (k in 1..100, α in 1..100) under which the held-out pairs most
-            prefer their positive continuation is kept (``auto_criterion``: ``"accuracy"``, the share of pairs
-            preferring the positive; ``"preference"``, mean ``log σ(margin)``; or ``"margin"``, the plain mean
-            log-likelihood margin); see :mod:`austeer_peft.auto`.
+            ``"auto"``. With ``"auto"``, up to ``auto_heldout`` pairs are cut into ``auto_folds`` folds; each fold
+            is scored under the steer counted on all other pairs (the counting is still one pass), for every cell of
+            a grid (k in 1, 4, 16, 64; α in 5..100), and the cell under which the held-out pairs most prefer their
+            positive continuation is kept, with the counts of all pairs (``auto_criterion``: ``"accuracy"``, the
+            share of pairs preferring the positive; ``"preference"``, mean ``log σ(margin)``; or ``"margin"``, the
+            plain mean log-likelihood margin); see :mod:`austeer_peft.auto`.
         target_modules, position: instead of ``sites``, module names whose input/output carries the AUs.
         batch_size: pairs per forward pass (each forward holds ``2 * batch_size`` sequences).
         max_length: longer sequences are cut from the left (the last token, where activations are read, survives);
@@ -112,8 +116,8 @@ def fit_austeer(
     if k == "auto" or alpha == "auto":
         return _fit_auto(model, tokenizer, pairs, sites, k, alpha, target_modules=target_modules, position=position,
                          batch_size=batch_size, max_length=max_length, chat_template=chat_template,
-                         adapter_name=adapter_name, progress=progress, distributed=distributed, holdout=holdout,
-                         criterion=auto_criterion)
+                         adapter_name=adapter_name, progress=progress, distributed=distributed,
+                         criterion=auto_criterion, folds=auto_folds, max_heldout=auto_heldout)
     config = AUSteerConfig(sites=sites, target_modules=target_modules, position=position, k=k, alpha=alpha)
     candidates = candidate_modules(_base_model(model), config)
     num_aus = sum(c.width for c in candidates)
@@ -127,19 +131,25 @@ def fit_austeer(
 
 
 def _fit_auto(model, tokenizer, pairs, sites, k, alpha, *, target_modules, position, batch_size, max_length,
-              chat_template, adapter_name, progress, distributed, holdout, criterion) -> FitResult:
-    """``fit_austeer`` with ``k="auto"`` and/or ``alpha="auto"``: count on most pairs, choose on the held-out rest."""
-    from .auto import choose_k_alpha, split_holdout
-    from .sweep import DEFAULT_ALPHAS, DEFAULT_KS
+              chat_template, adapter_name, progress, distributed, criterion, folds, max_heldout) -> FitResult:
+    """``fit_austeer`` with ``k="auto"`` and/or ``alpha="auto"``: count each fold and the rest (one pass over all
+    pairs), choose on the folds, keep the counts of all pairs."""
+    from .auto import AUTO_ALPHAS, AUTO_KS, choose_k_alpha, split_folds
 
     config = AUSteerConfig(sites=sites, target_modules=target_modules, position=position,
                            k=1 if k == "auto" else k, alpha=1.0 if alpha == "auto" else alpha)  # checks the fixed one
-    counted, heldout = split_holdout(as_text_pairs(pairs, tokenizer, chat_template=chat_template), holdout)
-    scores = compute_momentum(model, tokenizer, counted, config=config, batch_size=batch_size, max_length=max_length,
-                              progress=progress, distributed=distributed)
-    choice, peft_model = choose_k_alpha(model, tokenizer, scores, heldout,
-                                        ks=DEFAULT_KS if k == "auto" else [config.k],
-                                        alphas=DEFAULT_ALPHAS if alpha == "auto" else [config.alpha],
+    never_heldout, heldout = split_folds(as_text_pairs(pairs, tokenizer, chat_template=chat_template), folds,
+                                         max_heldout)
+    fold_counts = [compute_momentum(model, tokenizer, fold, config=config, batch_size=batch_size,
+                                    max_length=max_length, progress=progress, distributed=distributed)
+                   for fold in heldout]
+    scores = functools.reduce(operator.add, fold_counts)
+    if never_heldout:
+        scores = scores + compute_momentum(model, tokenizer, never_heldout, config=config, batch_size=batch_size,
+                                           max_length=max_length, progress=progress, distributed=distributed)
+    choice, peft_model = choose_k_alpha(model, tokenizer, scores, list(zip(fold_counts, heldout)),
+                                        ks=AUTO_KS if k == "auto" else [config.k],
+                                        alphas=AUTO_ALPHAS if alpha == "auto" else [config.alpha],
                                         criterion=criterion, batch_size=batch_size, adapter_name=adapter_name,
                                         progress=progress)
     return FitResult(peft_model=peft_model, scores=scores, auto=choice)

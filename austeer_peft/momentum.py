@@ -17,7 +17,7 @@ import math
 import warnings
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -412,6 +412,29 @@ class MomentumScores:
         sites = self.sites if self.sites is not None else f"target_modules={self.target_modules!r}"
         return (f"MomentumScores(num_pairs={self.num_pairs}, modules={len(self.modules)}, aus={self.num_aus}, "
                 f"sites={sites}, model_type={self.model_type!r})")
+
+    def __add__(self, other: "MomentumScores") -> "MomentumScores":
+        """The counts of both sets of pairs together (counts are sums over pairs, so this equals one pass over both)."""
+        return self._combined(other, 1)
+
+    def __sub__(self, other: "MomentumScores") -> "MomentumScores":
+        """The counts without ``other``'s pairs, which must be part of these (e.g. a held-out fold)."""
+        return self._combined(other, -1)
+
+    def _combined(self, other: "MomentumScores", sign: int) -> "MomentumScores":
+        if not isinstance(other, MomentumScores):
+            return NotImplemented
+        if other.modules != self.modules or other.model_type != self.model_type:
+            raise ValueError("These MomentumScores were counted on other modules or another model "
+                             f"({other!r} vs {self!r}); only counts of the same candidates can be added or subtracted.")
+        n_pos = {name: counts + sign * other.n_pos[name] for name, counts in self.n_pos.items()}
+        n_neg = {name: counts + sign * other.n_neg[name] for name, counts in self.n_neg.items()}
+        num_pairs = self.num_pairs + sign * other.num_pairs
+        if num_pairs == 0:
+            raise ValueError(f"Subtracting {other!r} from {self!r} leaves no pairs to count on.")
+        if num_pairs < 0 or any(bool((c < 0).any()) for c in (*n_pos.values(), *n_neg.values())):
+            raise ValueError(f"Cannot subtract {other!r} from {self!r}: its pairs are not part of these counts.")
+        return replace(self, n_pos=n_pos, n_neg=n_neg, num_pairs=num_pairs)
 
     # ------------------------------------------------------------------------------------------------ adapters
 

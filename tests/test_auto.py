@@ -1,4 +1,4 @@
-"""Automatic (k, α): the held-out margin against a per-pair reference, the choice, and the hold-out split."""
+"""Automatic (k, α): the held-out margin against a per-pair reference, the choice over folds, and the fold split."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from conftest import tiny_model
 from test_fit import char_tokenizer, random_pairs
 
 from austeer_peft import compute_momentum, fit_austeer
-from austeer_peft.auto import CRITERIA, _MarginScorer, best_cell, choose_k_alpha, split_holdout
+from austeer_peft.auto import CRITERIA, _MarginScorer, best_cell, choose_k_alpha, split_folds
 
 
 def reference_margins(model, tokenizer, pairs) -> torch.Tensor:
@@ -44,48 +44,67 @@ def test_margin_matches_an_unbatched_reference(family):
     torch.testing.assert_close(scorer(model), reference_margins(model, tokenizer, pairs), rtol=1e-4, atol=1e-4)
 
 
-def test_choice_is_the_best_cell_and_uses_one_momentum_pass(monkeypatch):
+def fold_reference_margins(scores, folds, k, alpha, model, tokenizer) -> torch.Tensor:
+    """Per fold, a fresh adapter counted without that fold, scored pair by pair on it."""
+    margins = []
+    for fold_counts, pairs in folds:
+        fresh = (scores - fold_counts).to_adapter(k, alpha, model)
+        margins.append(reference_margins(fresh, tokenizer, pairs))
+        model = fresh.unload()
+    return torch.cat(margins)
+
+
+def test_choice_is_the_best_cell_over_folds_and_uses_one_momentum_pass(monkeypatch):
     model, tokenizer = tiny_model("qwen2"), char_tokenizer()
     pairs = [(p + ": yes", p + ": no") for p, _ in random_pairs(40)]
-    counted, heldout = split_holdout(pairs, share=0.25)
-    assert len(heldout) == 10 and len(counted) == 30
-    scores = compute_momentum(model, tokenizer, counted, sites=["attention", "ffn"], progress=False)
+    never_heldout, heldout = split_folds(pairs, folds=2, max_heldout=10)
+    assert [len(fold) for fold in heldout] == [5, 5] and len(never_heldout) == 30
+    count = lambda chunk: compute_momentum(model, tokenizer, chunk, sites=["attention", "ffn"], progress=False)
+    fold_counts = [count(fold) for fold in heldout]
+    scores = fold_counts[0] + fold_counts[1] + count(never_heldout)
+    folds = list(zip(fold_counts, heldout))
     from austeer_peft import momentum
 
     monkeypatch.setattr(momentum.MomentumCounter, "count_batch", lambda *a, **k: pytest.fail("second pass"))
-    choice, peft_model = choose_k_alpha(model, tokenizer, scores, heldout, ks=[1, 4, 16], alphas=[1.0, 10.0],
+    choice, peft_model = choose_k_alpha(model, tokenizer, scores, folds, ks=[1, 4, 16], alphas=[1.0, 10.0],
                                         criterion="preference", progress=False)
     assert len(choice.cells) == 6 and choice.num_heldout == 10
     best = max(choice.cells, key=lambda cell: cell[2])
     assert (choice.k, choice.alpha, choice.score) == best and choice.criterion == "preference"
-    # The model is left steered with the chosen cell; its margin is reproduced from scratch.
+    # The model is left steered with the chosen cell, selected from the counts of all pairs.
     assert [(a.module, a.dim) for a in peft_model.get_aus()] == \
         [(a.module, a.dim) for a in sorted(scores.select(choice.k, choice.alpha))]
-    fresh = scores.to_adapter(choice.k, choice.alpha, peft_model.unload())
-    assert reference_preference(fresh, tokenizer, heldout) == pytest.approx(choice.score, rel=1e-4, abs=1e-4)
-    assert reference_margin(fresh, tokenizer, heldout) == pytest.approx(choice.margin, rel=1e-4, abs=1e-4)
-    # Every cell's held-out margins are kept; the chosen cell's are the fresh adapter's.
+    # Every cell's held-out margins are kept: each fold scored under the steer counted without it.
     assert sorted(choice.heldout_margins) == sorted((k, a) for k in (1, 4, 16) for a in (1.0, 10.0))
-    torch.testing.assert_close(torch.tensor(choice.heldout_margins[choice.k, choice.alpha], dtype=torch.float64),
-                               reference_margins(fresh, tokenizer, heldout), rtol=1e-4, atol=1e-4)
+    base = peft_model.unload()
+    for cell in [(choice.k, choice.alpha), (16, 10.0)]:
+        reference = fold_reference_margins(scores, folds, *cell, base, tokenizer)
+        torch.testing.assert_close(torch.tensor(choice.heldout_margins[cell], dtype=torch.float64), reference,
+                                   rtol=1e-4, atol=1e-4)
+    reference = fold_reference_margins(scores, folds, choice.k, choice.alpha, base, tokenizer)
+    assert float(torch.nn.functional.logsigmoid(reference).mean()) == pytest.approx(choice.score, rel=1e-4, abs=1e-4)
+    assert float(reference.mean()) == pytest.approx(choice.margin, rel=1e-4, abs=1e-4)
     assert choice.accuracy == float((torch.tensor(choice.heldout_margins[choice.k, choice.alpha]) > 0).double().mean())
-    unsteered = fresh.unload()
-    assert reference_preference(unsteered, tokenizer, heldout) == pytest.approx(choice.vanilla_score, rel=1e-4,
-                                                                                abs=1e-4)
-    assert reference_margin(unsteered, tokenizer, heldout) == pytest.approx(choice.vanilla_margin, rel=1e-4, abs=1e-4)
-    assert choice.vanilla_accuracy == float((reference_margins(unsteered, tokenizer, heldout) > 0).double().mean())
+    vanilla = torch.cat([reference_margins(base, tokenizer, fold) for fold in heldout])
+    assert float(torch.nn.functional.logsigmoid(vanilla).mean()) == pytest.approx(choice.vanilla_score, rel=1e-4,
+                                                                                  abs=1e-4)
+    assert float(vanilla.mean()) == pytest.approx(choice.vanilla_margin, rel=1e-4, abs=1e-4)
+    assert choice.vanilla_accuracy == float((vanilla > 0).double().mean())
     # The plain-margin criterion ranks the same cells by their mean margin.
-    by_margin, _ = choose_k_alpha(fresh, tokenizer, scores, heldout, ks=[1, 4, 16], alphas=[1.0, 10.0],
+    by_margin, _ = choose_k_alpha(base, tokenizer, scores, folds, ks=[1, 4, 16], alphas=[1.0, 10.0],
                                   criterion="margin", progress=False)
     assert by_margin.score == by_margin.margin == max(cell[2] for cell in by_margin.cells)
     # Each criterion run on its own chooses the cell that `best` reads off one run's kept margins.
-    by_accuracy, _ = choose_k_alpha(fresh, tokenizer, scores, heldout, ks=[1, 4, 16], alphas=[1.0, 10.0],
+    by_accuracy, _ = choose_k_alpha(base, tokenizer, scores, folds, ks=[1, 4, 16], alphas=[1.0, 10.0],
                                     criterion="accuracy", progress=False)
     assert by_accuracy.score == by_accuracy.accuracy == max(cell[2] for cell in by_accuracy.cells)
     for criterion, chosen in (("preference", choice), ("margin", by_margin), ("accuracy", by_accuracy)):
         assert choice.best(criterion) == by_margin.best(criterion) == (chosen.k, chosen.alpha)
     with pytest.raises(ValueError, match="Unknown criterion 'median'"):
-        choose_k_alpha(fresh, tokenizer, scores, heldout, criterion="median")
+        choose_k_alpha(base, tokenizer, scores, folds, criterion="median")
+    with pytest.raises(ValueError, match="not part of these counts"):  # a fold with more pairs than the scores
+        choose_k_alpha(base, tokenizer, fold_counts[1], [(fold_counts[0] + fold_counts[1], heldout[0])], ks=[1],
+                       alphas=[1.0])
 
 
 def test_criteria_rank_cells_and_break_ties_toward_fewer_aus_then_smaller_alpha():
@@ -103,16 +122,22 @@ def test_criteria_rank_cells_and_break_ties_toward_fewer_aus_then_smaller_alpha(
         assert best_cell({(4, 10.0): same, (2, 20.0): same, (2, 10.0): same, (8, 1.0): same}, criterion) == (2, 10.0)
 
 
-def test_holdout_split_is_deterministic_and_checked():
+def test_fold_split_is_deterministic_disjoint_and_checked():
     pairs = random_pairs(50)
-    assert split_holdout(pairs) == split_holdout(pairs)
-    counted, heldout = split_holdout(pairs)
-    assert len(heldout) == 10 and sorted(counted + heldout) == sorted(pairs)
-    assert len(split_holdout(random_pairs(1000))[1]) == 32  # capped: each cell scores them once
+    assert split_folds(pairs) == split_folds(pairs)
+    never_heldout, folds = split_folds(pairs)
+    assert never_heldout == [] and [len(fold) for fold in folds] == [13, 13, 12, 12]  # all 50 held out once
+    assert sorted(sum(folds, [])) == sorted(pairs)
+    never_heldout, folds = split_folds(random_pairs(1000), folds=5)
+    assert [len(fold) for fold in folds] == [26, 26, 26, 25, 25] and len(never_heldout) == 872  # capped at 128
+    assert sorted(never_heldout + sum(folds, [])) == sorted(random_pairs(1000))
+    assert len(split_folds(pairs[:16], folds=2)[1][0]) == 8  # 8 held out, 8 counted
     with pytest.raises(ValueError, match="at least 16 pairs"):
-        split_holdout(pairs[:12])
-    with pytest.raises(ValueError, match="between 0 and 1"):
-        split_holdout(pairs, share=1.5)
+        split_folds(pairs[:12])
+    with pytest.raises(ValueError, match="integer >= 2"):
+        split_folds(pairs, folds=1)
+    with pytest.raises(ValueError, match="max_heldout"):
+        split_folds(pairs, folds=4, max_heldout=3)
 
 
 def test_pairs_whose_texts_do_not_both_continue_are_skipped_or_refused():
@@ -125,22 +150,46 @@ def test_pairs_whose_texts_do_not_both_continue_are_skipped_or_refused():
         _MarginScorer(model, tokenizer, [("abc", "abcd")], batch_size=2)
 
 
-def test_fit_with_auto_k_and_alpha_counts_on_the_rest_and_keeps_the_choice():
+def test_fit_with_auto_k_and_alpha_keeps_the_counts_of_all_pairs_and_the_choice():
     model, tokenizer = tiny_model("llama"), char_tokenizer()
     pairs = [(p + ": yes", p + ": no") for p, _ in random_pairs(40)]
     result = fit_austeer(model, tokenizer, pairs, sites=["attention", "ffn"], k="auto", alpha="auto", progress=False)
-    assert result.scores.num_pairs == 32 and result.auto.num_heldout == 8
-    assert len(result.auto.cells) == 8 * 7  # the sweep grid (2 sites x 2 layers x 32 dims = 128 AUs >= 100)
+    assert result.scores.num_pairs == 40 and result.auto.num_heldout == 40  # every pair held out once, in 4 folds
+    assert len(result.auto.cells) == 4 * 5  # the automatic grid: k in 1, 4, 16, 64 and α in 5, 10, 20, 50, 100
     assert result.auto.criterion == "accuracy" and result.auto.score == result.auto.accuracy  # the default
     config = result.peft_model.peft_config["default"]
     assert (config.k, config.alpha) == (result.auto.k, result.auto.alpha)
     assert len(result.peft_model.get_aus()) == result.auto.k
-    # Only alpha automatic: k stays as given.
+    # The folds were counted one by one, and their sum is the one pass over all pairs.
+    whole = compute_momentum(result.peft_model, tokenizer, pairs, sites=["attention", "ffn"], progress=False)
+    assert whole.num_pairs == result.scores.num_pairs
+    for name in whole.n_pos:
+        assert torch.equal(whole.n_pos[name], result.scores.n_pos[name])
+        assert torch.equal(whole.n_neg[name], result.scores.n_neg[name])
+    # Only alpha automatic: k stays as given; fewer folds, fewer pairs held out.
     fixed = fit_austeer(result.peft_model.unload(), tokenizer, pairs, sites=["ffn"], k=3, alpha="auto",
-                        progress=False)
-    assert {cell[0] for cell in fixed.auto.cells} == {3} and len(fixed.auto.cells) == 7
+                        auto_folds=2, auto_heldout=20, progress=False)
+    assert {cell[0] for cell in fixed.auto.cells} == {3} and len(fixed.auto.cells) == 5
+    assert fixed.auto.num_heldout == 20 and fixed.scores.num_pairs == 40
     with pytest.raises(ValueError, match="alpha"):
         fit_austeer(fixed.peft_model.unload(), tokenizer, pairs, sites=["ffn"], k="auto", alpha=-1.0)
+
+
+def test_momentum_scores_add_and_subtract_as_counts_of_pair_sets():
+    model, tokenizer = tiny_model("llama"), char_tokenizer()
+    pairs = random_pairs(12, seed=7)
+    count = lambda chunk, sites=("ffn",): compute_momentum(model, tokenizer, chunk, sites=list(sites), progress=False)
+    first, second, both = count(pairs[:5]), count(pairs[5:]), count(pairs)
+    for combined, expected in ((first + second, both), (both - second, first)):
+        assert combined.num_pairs == expected.num_pairs
+        for name in expected.n_pos:
+            assert torch.equal(combined.n_pos[name], expected.n_pos[name])
+            assert torch.equal(combined.n_neg[name], expected.n_neg[name])
+    assert (both - second).select(4, 10.0) == first.select(4, 10.0)
+    with pytest.raises(ValueError, match="not part of these counts"):
+        first - both
+    with pytest.raises(ValueError, match="other modules"):
+        first + count(pairs[:5], sites=("attention",))
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
