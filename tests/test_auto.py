@@ -8,7 +8,7 @@ from conftest import tiny_model
 from test_fit import char_tokenizer, random_pairs
 
 from austeer_peft import compute_momentum, fit_austeer
-from austeer_peft.auto import CRITERIA, _MarginScorer, best_cell, choose_k_alpha, split_folds
+from austeer_peft.auto import CRITERIA, _length_batches, _MarginScorer, best_cell, choose_k_alpha, split_folds
 
 
 def reference_margins(model, tokenizer, pairs) -> torch.Tensor:
@@ -138,6 +138,34 @@ def test_fold_split_is_deterministic_disjoint_and_checked():
         split_folds(pairs, folds=1)
     with pytest.raises(ValueError, match="max_heldout"):
         split_folds(pairs, folds=4, max_heldout=3)
+
+
+def test_folds_keep_the_mix_of_answers_of_all_pairs():
+    """70 % of the pairs answer " yes": the held-out pairs are 70 % " yes" (within one pair) and so is every fold
+    (within two), whatever the seed."""
+    pairs = [(f"q{i}: yes", f"q{i}: no") if i % 10 < 7 else (f"q{i}: no", f"q{i}: yes") for i in range(300)]
+    for seed in range(5):
+        never_heldout, folds = split_folds(pairs, seed=seed)
+        assert [len(fold) for fold in folds] == [32] * 4
+        for fold in folds:
+            assert abs(sum(positive.endswith("yes") for positive, _ in fold) - 0.7 * 32) < 2
+        assert abs(sum(positive.endswith("yes") for positive, _ in sum(folds, [])) - 0.7 * 128) < 1
+        assert abs(sum(positive.endswith("yes") for positive, _ in never_heldout) - 0.7 * 172) < 1
+    assert split_folds(pairs, seed=1) != split_folds(pairs, seed=2)
+    # All-different answers (COPA's sentences): a plain random order, still every pair exactly once.
+    never_heldout, folds = split_folds(random_pairs(200), max_heldout=40)
+    assert sorted(never_heldout + sum(folds, [])) == sorted(random_pairs(200))
+
+
+def test_length_batches_bound_padding_and_rows():
+    lengths = [60, 600, 70, 80, 65, 75, 590, 62]
+    batches = _length_batches(lengths, max_rows=4)
+    assert sorted(sum(batches, [])) == list(range(8))
+    budget = 4 * sum(lengths) / len(lengths)
+    for rows in batches:
+        assert len(rows) <= 4 and len(rows) * max(lengths[r] for r in rows) <= max(budget, max(lengths[r] for r in rows))
+    assert [sorted(lengths[r] for r in rows) for rows in batches] == [[60, 62, 65, 70], [75, 80], [590], [600]]
+    assert _length_batches([10] * 5, max_rows=2) == [[0, 1], [2, 3], [4]]  # equal lengths: full batches
 
 
 def test_pairs_whose_texts_do_not_both_continue_are_skipped_or_refused():
