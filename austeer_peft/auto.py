@@ -3,8 +3,9 @@ and pick the cell under which the held-out pairs' positive continuations gain mo
 
 The folds cost no extra pass: each fold and the pairs never held out are counted once, and since counts are sums over
 pairs, a fold's steer comes from ``all counts - the fold's counts`` (:class:`MomentumScores` adds and subtracts). Up
-to 128 pairs are held out, each once (4 folds by default), so a cell's held-out accuracy has a standard error of about
-4 points instead of 9 with one held-out share of 32; the chosen cell's adapter uses the counts of all pairs.
+to 128 pairs are held out, each once (4 folds by default), with the mix of answers of all pairs, so a cell's held-out
+accuracy has a standard error of about 4 points instead of 9 with one held-out share of 32; the chosen cell's adapter
+uses the counts of all pairs.
 
 Per held-out pair the margin is ``m = log p(positive continuation) - log p(negative continuation)``, the continuation
 being what follows the two texts' common token prefix (the answer, for ``(prompt, chosen, rejected)`` pairs). Three

@@ -88,12 +88,12 @@ def fit_austeer(
         sites: ``"attention"``, ``"ffn"``, ``"ffn_inner"``, ``"residual"`` or a list of them (default attention).
         k: number of AUs to steer (top-k over all layers and sites), or ``"auto"``.
         alpha: steering strength α; ``γ = α·r_pos`` for promoting AUs, ``-α·r_neg`` for suppressing ones; or
-            ``"auto"``. With ``"auto"``, up to ``auto_heldout`` pairs are cut into ``auto_folds`` folds; each fold
-            is scored under the steer counted on all other pairs (the counting is still one pass), for every cell of
-            a grid (k in 1, 4, 16, 64; α in 5..100), and the cell under which the held-out pairs most prefer their
-            positive continuation is kept, with the counts of all pairs (``auto_criterion``: ``"accuracy"``, the
-            share of pairs preferring the positive; ``"preference"``, mean ``log σ(margin)``; or ``"margin"``, the
-            plain mean log-likelihood margin); see :mod:`austeer_peft.auto`.
+            ``"auto"``. With ``"auto"``, up to ``auto_heldout`` pairs (keeping the mix of answers) are cut into
+            ``auto_folds`` folds; each fold is scored under the steer counted on all other pairs (the counting is
+            still one pass), for every cell of a grid (k in 1, 4, 16, 64; α in 5..100), and the cell under which the
+            held-out pairs most prefer their positive continuation is kept, with the counts of all pairs
+            (``auto_criterion``: ``"accuracy"``, the share of pairs preferring the positive; ``"preference"``, mean
+            ``log σ(margin)``; or ``"margin"``, the plain mean log-likelihood margin); see :mod:`austeer_peft.auto`.
         target_modules, position: instead of ``sites``, module names whose input/output carries the AUs.
         batch_size: pairs per forward pass (each forward holds ``2 * batch_size`` sequences).
         max_length: longer sequences are cut from the left (the last token, where activations are read, survives);
