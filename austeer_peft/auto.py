@@ -17,13 +17,13 @@ criteria over the pairs:
   (Bradley–Terry). A steer that helps some pairs a lot and hurts others a lot gains little, but shrinking a confident
   wrong margin without flipping it gains much (−3 → 0 gains 2.4, 0 → +3 only 0.6).
 * ``"margin"``: the plain mean of ``m``. It can be raised by pushing every pair toward one answer when the held-out
-  pairs' answers are unbalanced; on SST-2 with SmolLM2 it chose such a steer (attention k=8, α=100: 50.9 % test
+  pairs' answers are unbalanced; on SST-2 with SmolLM2 it chose such a steer (attention k=4, α=50: 60.1 % test
   accuracy against 78.6 % unsteered).
 
 The default is the criterion whose chosen cells scored best on the labelled validation splits of SmolLM2 SST-2, COPA
-and BoolQ (attention and ffn), which the choice itself never sees; it was only just ahead of the preference (57.3 %
-against 57.0 % mean validation accuracy), and neither came within a point of the labelled sweep on test
-(bench/RESULTS.md).
+and BoolQ (attention and ffn) with one held-out share of 32 pairs, which the choice itself never sees; it was only
+just ahead of the preference (57.3 % against 57.0 %), and with the folds the two are one validation example apart
+the other way on five cells. Neither comes within a point of the labelled sweep on test (bench/RESULTS.md).
 
 Every cell reuses the one counting pass, and every cell's held-out margins are kept, so one run answers every
 criterion (:meth:`AutoChoice.best`); ties go to fewer AUs, then to the smaller α. The grid (k in 1, 4, 16, 64; α in
