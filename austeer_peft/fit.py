@@ -140,13 +140,12 @@ def _fit_auto(model, tokenizer, pairs, sites, k, alpha, *, target_modules, posit
                            k=1 if k == "auto" else k, alpha=1.0 if alpha == "auto" else alpha)  # checks the fixed one
     never_heldout, heldout = split_folds(as_text_pairs(pairs, tokenizer, chat_template=chat_template), folds,
                                          max_heldout)
-    fold_counts = [compute_momentum(model, tokenizer, fold, config=config, batch_size=batch_size,
-                                    max_length=max_length, progress=progress, distributed=distributed)
-                   for fold in heldout]
+    count = functools.partial(compute_momentum, model, tokenizer, config=config, batch_size=batch_size,
+                              max_length=max_length, progress=progress, distributed=distributed)
+    fold_counts = [count(fold) for fold in heldout]
     scores = functools.reduce(operator.add, fold_counts)
     if never_heldout:
-        scores = scores + compute_momentum(model, tokenizer, never_heldout, config=config, batch_size=batch_size,
-                                           max_length=max_length, progress=progress, distributed=distributed)
+        scores = scores + count(never_heldout)
     choice, peft_model = choose_k_alpha(model, tokenizer, scores, list(zip(fold_counts, heldout)),
                                         ks=AUTO_KS if k == "auto" else [config.k],
                                         alphas=AUTO_ALPHAS if alpha == "auto" else [config.alpha],
