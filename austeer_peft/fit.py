@@ -74,7 +74,7 @@ def fit_austeer(
     progress: bool = True,
     distributed: Optional[bool] = None,
     auto_criterion: str = "accuracy",
-    auto_folds: int = 4,
+    auto_folds: Optional[int] = None,
     auto_heldout: int = 128,
 ) -> FitResult:
     """Fit an AUSteer adapter: count activation momentum on contrastive pairs, keep the top-k AUs, set γ from α.
@@ -88,10 +88,10 @@ def fit_austeer(
         sites: ``"attention"``, ``"ffn"``, ``"ffn_inner"``, ``"residual"`` or a list of them (default attention).
         k: number of AUs to steer (top-k over all layers and sites), or ``"auto"``.
         alpha: steering strength α; ``γ = α·r_pos`` for promoting AUs, ``-α·r_neg`` for suppressing ones; or
-            ``"auto"``. With ``"auto"``, up to ``auto_heldout`` pairs (keeping the mix of answers) are cut into
-            ``auto_folds`` folds; each fold is scored under the steer counted on all other pairs (the counting is
-            still one pass), for every cell of a grid (k in 1, 4, 16, 64; α in 5..100), and the cell under which the
-            held-out pairs most prefer their positive continuation is kept, with the counts of all pairs
+            ``"auto"``. With ``"auto"``, up to ``auto_heldout`` pairs (keeping the mix of answers) are held out one
+            at a time (or in ``auto_folds`` folds); each is scored under the steer counted on all other pairs (the
+            counting is still one pass), for every cell of a grid (k in 1, 4, 16, 64; α in 5..100), and the cell
+            under which the held-out pairs most prefer their positive continuation is kept, with the counts of all pairs
             (``auto_criterion``: ``"accuracy"``, the share of pairs preferring the positive; ``"preference"``, mean
             ``log σ(margin)``; or ``"margin"``, the plain mean log-likelihood margin); see :mod:`austeer_peft.auto`.
         target_modules, position: instead of ``sites``, module names whose input/output carries the AUs.
@@ -142,7 +142,8 @@ def _fit_auto(model, tokenizer, pairs, sites, k, alpha, *, target_modules, posit
                                          max_heldout)
     count = functools.partial(compute_momentum, model, tokenizer, config=config, batch_size=batch_size,
                               max_length=max_length, progress=progress, distributed=distributed)
-    fold_counts = [count(fold) for fold in heldout]
+    heldout_bar = tqdm(heldout, desc="AUSteer momentum, held-out folds", unit="fold", disable=not progress)
+    fold_counts = [count(fold, progress=False) for fold in heldout_bar]  # one bar, not one per fold
     scores = functools.reduce(operator.add, fold_counts)
     if never_heldout:
         scores = scores + count(never_heldout)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from austeer_peft import fit_austeer
-from austeer_peft.auto import CRITERIA, DEFAULT_CRITERION, criterion_key
+from austeer_peft.auto import CRITERIA, DEFAULT_CRITERION, MAX_HELDOUT_PAIRS, criterion_key
 from austeer_peft.evaluate import bootstrap_ci, load_task, paired_test
 from austeer_peft.evaluate.runner import evaluate_split
 from austeer_peft.models import load_model
@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--n-test", type=int)
     parser.add_argument("--sites", nargs="+", default=["attention", "ffn"])
     parser.add_argument("--criteria", nargs="+", default=list(CRITERIA), choices=CRITERIA)
+    parser.add_argument("--folds", type=int, help="auto_folds of fit_austeer (default: one pair at a time)")
+    parser.add_argument("--heldout", type=int, default=MAX_HELDOUT_PAIRS, help="auto_heldout of fit_austeer")
     parser.add_argument("--sweep-results", type=Path, help="results.json of `austeer sweep` on the same splits")
     parser.add_argument("--output", type=Path, help="write the automatic rows (and the comparison) as JSON here")
     parser.add_argument("--compare", type=Path, help="a JSON written by --output: print it against --sweep-results")
@@ -65,7 +67,7 @@ def main() -> None:
     for site in args.sites:
         started = time.perf_counter()
         result = fit_austeer(model, tokenizer, task.pairs("fit"), sites=[site], k="auto", alpha="auto",
-                             auto_criterion=args.criteria[0])
+                             auto_criterion=args.criteria[0], auto_folds=args.folds, auto_heldout=args.heldout)
         seconds = time.perf_counter() - started
         choice, peft_model = result.auto, result.peft_model
         heldout[site] = {"vanilla": choice.vanilla_margins,
@@ -82,7 +84,7 @@ def main() -> None:
             mean, low, high = bootstrap_ci(test.correct)
             rows.append({"site": site, "criterion": criterion, "auto_k": cell[0], "auto_alpha": cell[1],
                          **{f"heldout_{name}": criterion_key(margins, name)[0] for name in CRITERIA},
-                         "heldout_pairs": choice.num_heldout,
+                         "heldout_pairs": choice.num_heldout, "folds": args.folds,
                          "auto_validation": round(100 * validation.accuracy, 2),
                          "auto_test": round(100 * mean, 2), "auto_ci": [round(100 * low, 2), round(100 * high, 2)],
                          "p_vs_vanilla": paired_test(vanilla.correct, test.correct),

@@ -107,6 +107,24 @@ def test_choice_is_the_best_cell_over_folds_and_uses_one_momentum_pass(monkeypat
                        alphas=[1.0])
 
 
+def test_one_pair_at_a_time_scores_each_pair_under_the_steer_counted_on_all_the_others():
+    """The default split holds out single pairs: many folds, each one pair, still one counting pass."""
+    model, tokenizer = tiny_model("qwen2"), char_tokenizer()
+    pairs = [(p + ": yes", p + ": no") for p, _ in random_pairs(24)]
+    never_heldout, heldout = split_folds(pairs, max_heldout=4)
+    assert [len(fold) for fold in heldout] == [1] * 4 and len(never_heldout) == 20
+    count = lambda chunk: compute_momentum(model, tokenizer, chunk, sites=["ffn"], progress=False)
+    folds = [(count(fold), fold) for fold in heldout]
+    assert all(fold_counts.num_pairs == 1 for fold_counts, _ in folds)
+    scores = sum((fold_counts for fold_counts, _ in folds), count(never_heldout))
+    choice, peft_model = choose_k_alpha(model, tokenizer, scores, folds, ks=[1, 16], alphas=[10.0], progress=False)
+    assert choice.num_heldout == 4
+    base = peft_model.unload()
+    for cell in [(1, 10.0), (16, 10.0)]:
+        torch.testing.assert_close(torch.tensor(choice.heldout_margins[cell], dtype=torch.float64),
+                                   fold_reference_margins(scores, folds, *cell, base, tokenizer), rtol=1e-4, atol=1e-4)
+
+
 def test_criteria_rank_cells_and_break_ties_toward_fewer_aus_then_smaller_alpha():
     margins = {
         (1, 5.0): torch.tensor([3.0, -0.1, -0.1, -0.1]),  # 1 of 4 right, small losses: best preference
@@ -126,16 +144,22 @@ def test_fold_split_is_deterministic_disjoint_and_checked():
     pairs = random_pairs(50)
     assert split_folds(pairs) == split_folds(pairs)
     never_heldout, folds = split_folds(pairs)
+    assert never_heldout == [] and [len(fold) for fold in folds] == [1] * 50  # by default one pair at a time
+    assert sorted(sum(folds, [])) == sorted(pairs)
+    never_heldout, folds = split_folds(pairs, folds=4)
     assert never_heldout == [] and [len(fold) for fold in folds] == [13, 13, 12, 12]  # all 50 held out once
     assert sorted(sum(folds, [])) == sorted(pairs)
+    never_heldout, folds = split_folds(random_pairs(1000))
+    assert [len(fold) for fold in folds] == [1] * 128 and len(never_heldout) == 872
     never_heldout, folds = split_folds(random_pairs(1000), folds=5)
     assert [len(fold) for fold in folds] == [26, 26, 26, 25, 25] and len(never_heldout) == 872  # capped at 128
     assert sorted(never_heldout + sum(folds, [])) == sorted(random_pairs(1000))
     assert len(split_folds(pairs[:16], folds=2)[1][0]) == 8  # 8 held out, 8 counted
     with pytest.raises(ValueError, match="at least 16 pairs"):
         split_folds(pairs[:12])
-    with pytest.raises(ValueError, match="integer >= 2"):
-        split_folds(pairs, folds=1)
+    for folds in (1, 0, True):
+        with pytest.raises(ValueError, match="integer >= 2, or None"):
+            split_folds(pairs, folds=folds)
     with pytest.raises(ValueError, match="max_heldout"):
         split_folds(pairs, folds=4, max_heldout=3)
 
@@ -145,7 +169,7 @@ def test_folds_keep_the_mix_of_answers_of_all_pairs():
     (within two), whatever the seed."""
     pairs = [(f"q{i}: yes", f"q{i}: no") if i % 10 < 7 else (f"q{i}: no", f"q{i}: yes") for i in range(300)]
     for seed in range(5):
-        never_heldout, folds = split_folds(pairs, seed=seed)
+        never_heldout, folds = split_folds(pairs, folds=4, seed=seed)
         assert [len(fold) for fold in folds] == [32] * 4
         for fold in folds:
             assert abs(sum(positive.endswith("yes") for positive, _ in fold) - 0.7 * 32) < 2
@@ -182,7 +206,7 @@ def test_fit_with_auto_k_and_alpha_keeps_the_counts_of_all_pairs_and_the_choice(
     model, tokenizer = tiny_model("llama"), char_tokenizer()
     pairs = [(p + ": yes", p + ": no") for p, _ in random_pairs(40)]
     result = fit_austeer(model, tokenizer, pairs, sites=["attention", "ffn"], k="auto", alpha="auto", progress=False)
-    assert result.scores.num_pairs == 40 and result.auto.num_heldout == 40  # every pair held out once, in 4 folds
+    assert result.scores.num_pairs == 40 and result.auto.num_heldout == 40  # every pair held out, one at a time
     assert len(result.auto.cells) == 4 * 5  # the automatic grid: k in 1, 4, 16, 64 and α in 5, 10, 20, 50, 100
     assert result.auto.criterion == "accuracy" and result.auto.score == result.auto.accuracy  # the default
     config = result.peft_model.peft_config["default"]
