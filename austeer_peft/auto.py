@@ -10,7 +10,7 @@ One pair at a time is the default because a steer at large α can hang on single
 many of them. On SmolLM2 BoolQ ffn at (k, α) = (64, 20), the steers counted without a fold of 32 pairs (4 folds)
 kept only 36 to 45 of the shipped 64 AUs and scored 39.5 to 50 % on test against the shipped steer's 55 %, and
 swapping 1 or 2 AUs for others of equal score moved it to between 45.5 and 55.5 %. Held-out scores of such steers
-cannot rank the cells of the one that ships. Without a single pair the counts move by at most one, and the held-out
+cannot rank the cells of the one that ships. Leaving out one pair moves each count by at most one, and the held-out
 steers kept a median 62 of the 64 AUs; the held-out accuracy of that cell was 59.4 % against 59.0 % on test. ``folds``
 still takes a number of folds.
 
