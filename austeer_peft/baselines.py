@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .fit import _accepts, _base_model, _eval_mode, _input_device, _max_length, _pad_token_id, make_batches
 from .fit import tokenize_pairs
 from .model import AU
-from .momentum import MomentumScores, _check_alpha
+from .momentum import MomentumScores, _check_alpha, adaptive_gamma
 from .pairs import as_text_pairs
 from .sites import find_decoder_layers
 
@@ -40,8 +40,7 @@ def block_level_aus(scores: MomentumScores, modules: Sequence[str], alpha: float
     for name in modules:
         n_pos, n_neg = scores.n_pos[name].tolist(), scores.n_neg[name].tolist()
         for dim, (pos, neg) in enumerate(zip(n_pos, n_neg)):
-            gamma = alpha * pos / scores.num_pairs if pos > neg else -alpha * neg / scores.num_pairs
-            aus.append(AU(name, dim, gamma))
+            aus.append(AU(name, dim, adaptive_gamma(pos, neg, scores.num_pairs, alpha)))
     return aus
 
 

@@ -369,8 +369,7 @@ class MomentumScores:
         for position in top.tolist():
             module = self.modules[int(module_index[position])]
             pos, neg = int(n_pos[position]), int(n_neg[position])
-            gamma = alpha * pos / self.num_pairs if pos > neg else -alpha * neg / self.num_pairs
-            aus.append(AU(module.name, int(dims[position]), gamma))
+            aus.append(AU(module.name, int(dims[position]), adaptive_gamma(pos, neg, self.num_pairs, alpha)))
         top_counts = torch.maximum(n_pos[top], n_neg[top])
         if int(top_counts[0]) == 0:
             raise ValueError(
@@ -559,6 +558,11 @@ def _is_main_process() -> bool:
     import torch.distributed as dist
 
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def adaptive_gamma(n_pos: int, n_neg: int, num_pairs: int, alpha: float) -> float:
+    """AUSteer's adaptive γ of one AU: ``α·r_pos`` if ``r_pos > r_neg``, else ``-α·r_neg``."""
+    return alpha * n_pos / num_pairs if n_pos > n_neg else -alpha * n_neg / num_pairs
 
 
 def _check_alpha(alpha: Any) -> float:

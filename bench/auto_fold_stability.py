@@ -25,7 +25,7 @@ from austeer_peft import compute_momentum
 from austeer_peft.auto import AUTO_KS, split_folds
 from austeer_peft.evaluate import load_task
 from austeer_peft.evaluate.runner import evaluate_split
-from austeer_peft.momentum import AU, MomentumScores
+from austeer_peft.momentum import AU, MomentumScores, adaptive_gamma
 from austeer_peft.models import load_model
 from austeer_peft.pairs import as_text_pairs
 
@@ -95,11 +95,9 @@ def random_tie_break(scores: MomentumScores, k: int, alpha: float, seed: int) ->
         keys = torch.rand(len(score), generator=generator)
         candidates += zip(score.tolist(), keys.tolist(), [module.name] * len(score), range(len(score)))
     top = sorted(candidates, key=lambda c: (-c[0], c[1]))[:k]
-    aus = []
-    for _, _, name, dim in top:
-        r_pos, r_neg = float(scores.r_pos(name)[dim]), float(scores.r_neg(name)[dim])
-        aus.append(AU(name, dim, alpha * r_pos if r_pos > r_neg else -alpha * r_neg))
-    return aus
+    return [AU(name, dim, adaptive_gamma(int(scores.n_pos[name][dim]), int(scores.n_neg[name][dim]),
+                                         scores.num_pairs, alpha))
+            for _, _, name, dim in top]
 
 
 if __name__ == "__main__":
