@@ -15,10 +15,10 @@ from pathlib import Path
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from austeer_peft.baselines import caa_steering
+from austeer_peft.evaluate.baselines import caa_steering
 from austeer_peft.evaluate import load_task
 from austeer_peft.evaluate.runner import evaluate_split
-from austeer_peft.models import load_model
+from austeer_peft.hub.models import load_model
 
 ADAPTERS = {"AUSteer-attention": "austeer_attention", "AUSteer-ffn": "austeer_ffn", "block-level": "block_level"}
 

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 from austeer_peft import fit_austeer
-from austeer_peft.auto import CRITERIA, DEFAULT_CRITERION, MAX_HELDOUT_PAIRS, criterion_key
+from austeer_peft.fitting.auto import CRITERIA, DEFAULT_CRITERION, MAX_HELDOUT_PAIRS, criterion_key
 from austeer_peft.evaluate import bootstrap_ci, load_task, paired_test
 from austeer_peft.evaluate.runner import evaluate_split
-from austeer_peft.models import load_model
+from austeer_peft.hub.models import load_model
 
 
 def main() -> None:

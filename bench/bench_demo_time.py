@@ -16,9 +16,9 @@ import time
 import torch
 
 from austeer_peft import compute_momentum
-from austeer_peft.baselines import caa_vectors
+from austeer_peft.evaluate.baselines import caa_vectors
 from austeer_peft.evaluate import evaluate_split, load_task
-from austeer_peft.models import load_model
+from austeer_peft.hub.models import load_model
 
 
 def timed(function):

@@ -39,9 +39,9 @@ def worker(args) -> None:
 
     from austeer_peft import fit_austeer
     from austeer_peft.evaluate import load_task
-    from austeer_peft.fit import _pad_token_id, make_batches, shard_batches, tokenize_pairs
-    from austeer_peft.models import load_model
-    from austeer_peft.pairs import as_text_pairs
+    from austeer_peft.fitting.fit import _pad_token_id, make_batches, shard_batches, tokenize_pairs
+    from austeer_peft.hub.models import load_model
+    from austeer_peft.fitting.pairs import as_text_pairs
 
     torch.set_num_threads(args.threads)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -45,8 +45,8 @@ def sst2_pairs(n: int) -> list[tuple[str, str, str]]:
 
 def plain_batches(tokenizer, pairs, batch_size):
     """Exactly the padded batches the fit builds, as tokenizer-style dicts for `model(**batch)`."""
-    from austeer_peft.fit import _pad_token_id, make_batches, tokenize_pairs
-    from austeer_peft.pairs import as_text_pairs
+    from austeer_peft.fitting.fit import _pad_token_id, make_batches, tokenize_pairs
+    from austeer_peft.fitting.pairs import as_text_pairs
 
     token_pairs = tokenize_pairs(tokenizer, as_text_pairs(pairs), max_length=None)
     batches = make_batches(token_pairs, batch_size, _pad_token_id(tokenizer), tokenizer.padding_side)
@@ -84,7 +84,7 @@ def memory_probe(mode: str, args) -> dict:
     """One mode in this (fresh) process: peak RSS growth of the run over the loaded-model baseline."""
     import torch
 
-    from austeer_peft.models import load_model
+    from austeer_peft.hub.models import load_model
 
     model, tokenizer = load_model(args.model)
     pairs = sst2_pairs(args.pairs)
@@ -124,7 +124,7 @@ def measure_memory(args) -> dict:
 def measure_time(args) -> dict:
     import torch
 
-    from austeer_peft.models import load_model
+    from austeer_peft.hub.models import load_model
 
     model, tokenizer = load_model(args.model)
     pairs = sst2_pairs(args.pairs)

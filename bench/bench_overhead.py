@@ -135,7 +135,7 @@ def wrapper_cost(peft_model, repeats: int) -> dict:
     The base module is swapped for a one-copy stand-in while timing, so the difference (wrapped minus the stand-in
     alone) is the wrapper's own work, not noise of a 0.5 ms MLP; the minimum of 5 blocks of `repeats` calls is kept.
     """
-    from austeer_peft.layer import AUSteerLayer
+    from austeer_peft.tuner.layer import AUSteerLayer
 
     layers = [m for m in peft_model.modules() if isinstance(m, AUSteerLayer)]
     stand_in = _FreshCopy()
@@ -178,7 +178,7 @@ def adapter_sizes(vanilla, peft_model) -> dict:
     """Bytes of adapter_model.safetensors: AUSteer, its IA3 export, LoRA r = 8 (o_proj + down_proj, all linear)."""
     from peft import LoraConfig, get_peft_model
 
-    from austeer_peft.export import to_ia3
+    from austeer_peft.hub.export import to_ia3
 
     def size(folder: Path) -> dict:
         return {"safetensors_bytes": (folder / "adapter_model.safetensors").stat().st_size,
@@ -206,7 +206,7 @@ def build_models(args):
     """(vanilla, steered, merged, tokenizer, number of AUs): steered is a real fit at k = args.k."""
     from austeer_peft import fit_austeer
     from austeer_peft.evaluate import load_task
-    from austeer_peft.models import load_model
+    from austeer_peft.hub.models import load_model
 
     model, tokenizer = load_model(args.model)
     vanilla = copy.deepcopy(model)

@@ -44,8 +44,8 @@ def main() -> None:
 
     from austeer_peft import fit_austeer
     from austeer_peft.evaluate import evaluate_split, load_task
-    from austeer_peft.models import load_model
-    from austeer_peft.sweep import DEFAULT_ALPHAS, DEFAULT_KS, sweep_k_alpha
+    from austeer_peft.hub.models import load_model
+    from austeer_peft.evaluate.sweep import DEFAULT_ALPHAS, DEFAULT_KS, sweep_k_alpha
 
     started, load_start = start_benchmark(args.threads)
     ks, alphas = args.ks or list(DEFAULT_KS), args.alphas or list(DEFAULT_ALPHAS)

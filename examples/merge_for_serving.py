@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerF
 from transformers.utils import logging as hf_logging
 
 import austeer_peft
-from austeer_peft.models import load_model
+from austeer_peft.hub.models import load_model
 
 hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()

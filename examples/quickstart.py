@@ -15,7 +15,7 @@ from peft import PeftModel
 
 from austeer_peft import fit_austeer
 from austeer_peft.evaluate import bootstrap_ci, choice_token_ids, load_task, paired_test, restricted_choice_correct
-from austeer_peft.models import load_model
+from austeer_peft.hub.models import load_model
 
 N_FIT = 200 if "--quick" not in sys.argv else 32
 N_TEST = None if "--quick" not in sys.argv else 32

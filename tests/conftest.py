@@ -57,7 +57,7 @@ def input_ids():
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M-Instruct (GGUF from PyPI), loaded once per session."""
-    from austeer_peft.models import load_model
+    from austeer_peft.hub.models import load_model
 
     return load_model("smollm2-135m")
 

@@ -13,7 +13,7 @@ from huggingface_hub import ModelCard
 from peft import LoraConfig, PeftModel, PeftModelForCausalLM, get_peft_model
 
 from austeer_peft import AUSteerConfig, adapter_card, attach_card_info
-from austeer_peft.cards import AUSteerHubMixin, adapter_card_from_folder, template_path
+from austeer_peft.hub.cards import AUSteerHubMixin, adapter_card_from_folder, template_path
 
 PLACEHOLDERS = re.compile(r"More Information Needed|\{\{|\}\}|\{%|%\}|\bTODO\b|\bNone\b|\bnan\b|\[optional\]")
 

@@ -13,7 +13,7 @@ from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from austeer_peft import AUSteerConfig, AUSteerLayer
-from austeer_peft.sites import SITES, candidate_modules, unwrap
+from austeer_peft.tuner.sites import SITES, candidate_modules, unwrap
 
 MERGEABLE_SITES = ["attention", "ffn", "ffn_inner"]
 

@@ -13,7 +13,7 @@ from huggingface_hub import ModelCard
 from peft import PeftModel, get_peft_model
 
 from austeer_peft import AUSteerConfig, save_merged, to_ia3
-from austeer_peft.sites import candidate_modules
+from austeer_peft.tuner.sites import candidate_modules
 
 IA3_SITES = ["attention", "ffn", "ffn_inner"]
 

@@ -17,9 +17,9 @@ from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from austeer_peft import AU, AUSteerConfig, AUSteerLayer, FitResult, MomentumScores, compute_momentum, fit_austeer
-from austeer_peft.fit import make_batches, tokenize_pairs
-from austeer_peft.momentum import MomentumCounter
-from austeer_peft.sites import SiteModule, base_named_modules, candidate_modules, unwrap
+from austeer_peft.fitting.fit import make_batches, tokenize_pairs
+from austeer_peft.fitting.scores import MomentumCounter
+from austeer_peft.tuner.sites import SiteModule, base_named_modules, candidate_modules, unwrap
 
 ALL_SITES = ["attention", "ffn", "ffn_inner", "residual"]
 TWO_FAMILIES = ["llama", "gpt2"]
@@ -262,7 +262,7 @@ def test_offloaded_model_gives_the_same_counts(how, tmp_path):
 def test_dispatched_model_fits_steers_and_merges_in_place(how, tmp_path):
     from test_core import logits, spread_aus
 
-    from austeer_peft.model import execution_device
+    from austeer_peft.tuner.model import execution_device
 
     sites, tokenizer, pairs = ["attention", "ffn", "ffn_inner"], char_tokenizer(), random_pairs(8)
     input_ids = torch.randint(3, 101, (2, 9), generator=torch.Generator().manual_seed(0))

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from austeer_peft import models
-from austeer_peft.models import MODEL_ALIASES, ModelAlias, resolve_alias
+from austeer_peft.hub import models
+from austeer_peft.hub.models import MODEL_ALIASES, ModelAlias, resolve_alias
 
 PARTS = {"toy_part2": ("data/toy.gguf.part01", b"world"), "toy_part1": ("data/toy.gguf.part00", b"hello ")}
 

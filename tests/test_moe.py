@@ -17,7 +17,7 @@ from test_core import (
 )
 
 from austeer_peft import AUSteerConfig, AUSteerLayer, compute_momentum, fit_austeer
-from austeer_peft.sites import candidate_modules, merge_slices
+from austeer_peft.tuner.sites import candidate_modules, merge_slices
 
 SITES = ["attention", "ffn", "ffn_inner"]
 EXPERTS = 4  # tiny_moe_model's num_experts

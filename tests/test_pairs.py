@@ -150,7 +150,7 @@ def test_default_encoder_picks_a_semantically_close_wrong_answer():
     assert [wrong for _, _, wrong in triples] == [
         "There are 7 apples left.", "The grass is green.", "Camels live in the desert."]
 
-    from austeer_peft.pairs import default_sentence_encoder
+    from austeer_peft.fitting.pairs import default_sentence_encoder
 
     embeddings = default_sentence_encoder()(["hello world", "a cat"])
     assert embeddings.shape == (2, 384)

@@ -12,7 +12,7 @@ from test_core import assert_only_dim_scaled, logits, spread_aus, steered_and_pl
 from test_fit import brute_force_counts, char_tokenizer, random_pairs
 
 from austeer_peft import AUSteerConfig, AUSteerLayer, compute_momentum, fit_austeer
-from austeer_peft.bnb import dequantized_4bit
+from austeer_peft.tuner.bnb import dequantized_4bit
 
 FOUR_BIT = {"nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
             "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.float32)}

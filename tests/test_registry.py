@@ -8,9 +8,9 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPIN
 from peft.utils import PeftType
 
 import austeer_peft
-from austeer_peft import registry
-from austeer_peft.config import AUSteerConfig
-from austeer_peft.model import AUSteerModel
+from austeer_peft.tuner import registry
+from austeer_peft.tuner.config import AUSteerConfig
+from austeer_peft.tuner.model import AUSteerModel
 
 
 def test_peft_type_member_is_reachable_every_way():

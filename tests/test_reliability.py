@@ -12,7 +12,7 @@ from peft import get_peft_model
 from test_core import spread_aus
 
 from austeer_peft import AUSteerConfig, AUSteerLayer
-from austeer_peft.sites import SITES
+from austeer_peft.tuner.sites import SITES
 
 # Largest error of the half-precision logits relative to the largest float32 logit, measured on the tiny families:
 # up to 1.1% in float16 and 2.6% in bfloat16 (8 bits of mantissa).

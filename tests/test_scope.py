@@ -12,7 +12,7 @@ from peft import PeftModel, get_peft_model
 from test_core import logits, spread_aus
 
 from austeer_peft import AUSteerConfig, AUSteerLayer
-from austeer_peft.sites import candidate_modules
+from austeer_peft.tuner.sites import candidate_modules
 
 SITES = ["attention", "ffn"]
 SCOPES = [{"scope": "generated"}, {"scope": "from_position", "scope_position": 3}]

@@ -13,13 +13,13 @@ from peft import PeftModel
 from test_fit import char_tokenizer
 
 from austeer_peft import AU, compute_momentum
-from austeer_peft import fit as fit_module
-from austeer_peft.baselines import block_level_aus, caa_layers, caa_steering, caa_vectors
-from austeer_peft.compare import compare_methods
+from austeer_peft.fitting import fit as fit_module
+from austeer_peft.evaluate.baselines import block_level_aus, caa_layers, caa_steering, caa_vectors
+from austeer_peft.evaluate.compare import compare_methods
 from austeer_peft.evaluate import load_user_task
 from austeer_peft.evaluate.runner import evaluate_split
-from austeer_peft.sites import find_decoder_layers
-from austeer_peft.sweep import scores_for_sites, sweep_k_alpha
+from austeer_peft.tuner.sites import find_decoder_layers
+from austeer_peft.evaluate.sweep import scores_for_sites, sweep_k_alpha
 
 SITES = ["attention", "ffn"]
 
@@ -152,7 +152,7 @@ def test_each_cell_equals_a_separately_built_adapter():
 
 
 def test_best_cell_prefers_fewer_aus_then_smaller_alpha():
-    from austeer_peft.sweep import SweepCell, SweepResult
+    from austeer_peft.evaluate.sweep import SweepCell, SweepResult
 
     cells = [SweepCell(4, 1.0, 0.7, 4, []), SweepCell(1, 50.0, 0.7, 1, []), SweepCell(1, 5.0, 0.7, 1, []),
              SweepCell(8, 1.0, 0.6, 8, [])]

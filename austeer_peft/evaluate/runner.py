@@ -25,8 +25,8 @@ from datasets import Dataset
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..fit import _accepts, _base_model, _input_device
-from ..fit import _pad_token_id as _pad_id
+from ..fitting.fit import _accepts, _base_model, _input_device
+from ..fitting.fit import _pad_token_id as _pad_id
 from .scoring import (
     choice_token_ids,
     continuation_logprobs,

@@ -30,9 +30,9 @@ import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from peft import PeftModel
 
-from .config import AUSteerConfig
-from .model import AU, AUSteerModel, table_to_aus
-from .sites import SITES
+from ..tuner.config import AUSteerConfig
+from ..tuner.model import AU, AUSteerModel, table_to_aus
+from ..tuner.sites import SITES
 
 CARD_TAGS = ["austeer", "activation-steering", "peft"]
 CARD_INFO_ATTRIBUTE = "austeer_card_info"
@@ -42,8 +42,8 @@ CARD_NAME = "README.md"
 # A source checkout has the template at the repository root; an installed package carries it as
 # `austeer_peft/model_cards/` (pyproject maps the root folder there).
 TEMPLATE_CANDIDATES = (
+    Path(__file__).resolve().parents[2] / "model_cards" / "adapter_card.md",
     Path(__file__).resolve().parents[1] / "model_cards" / "adapter_card.md",
-    Path(__file__).resolve().parent / "model_cards" / "adapter_card.md",
 )
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -415,7 +415,7 @@ def _versions() -> list[tuple[str, str]]:
     import peft
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     return [("austeer-peft", __version__), ("PEFT", peft.__version__), ("Transformers", transformers.__version__),
             ("PyTorch", torch.__version__)]

@@ -18,12 +18,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .fit import _accepts, _base_model, _eval_mode, _input_device, _max_length, _pad_token_id, make_batches
-from .fit import tokenize_pairs
-from .model import AU
-from .momentum import MomentumScores, _check_alpha, adaptive_gamma
-from .pairs import as_text_pairs
-from .sites import find_decoder_layers
+from ..fitting.fit import _accepts, _base_model, _eval_mode, _input_device, _max_length, _pad_token_id, make_batches
+from ..fitting.fit import tokenize_pairs
+from ..tuner.model import AU
+from ..fitting.scores import MomentumScores, _check_alpha, adaptive_gamma
+from ..fitting.pairs import as_text_pairs
+from ..tuner.sites import find_decoder_layers
 
 CAA_MULTIPLIERS = (0.5, 1.0, 2.0, 4.0, 8.0)
 CAA_LAYER_FRACTIONS = (0.25, 0.4, 0.5, 0.6, 0.75)  # depths swept, as fractions of the number of layers

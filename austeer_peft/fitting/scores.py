@@ -24,10 +24,10 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from .config import AUSteerConfig
-from .experts import fused_experts_axis, read_expert_units
-from .model import AU
-from .sites import SiteModule, base_named_modules, candidate_modules, unwrap
+from ..tuner.config import AUSteerConfig
+from ..tuner.experts import fused_experts_axis, read_expert_units
+from ..tuner.model import AU
+from ..tuner.sites import SiteModule, base_named_modules, candidate_modules, unwrap
 
 SCORES_FORMAT = "austeer-momentum"
 SCORES_FORMAT_VERSION = "2"  # 2: all metadata in one entry (1: one entry per field)

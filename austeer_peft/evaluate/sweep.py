@@ -18,10 +18,10 @@ from datasets import Dataset
 from torch import nn
 from tqdm.auto import tqdm
 
-from .evaluate.runner import SplitResult, evaluate_split
-from .evaluate.tasks import Task
-from .model import AU
-from .momentum import MomentumScores, _check_alpha
+from .runner import SplitResult, evaluate_split
+from .tasks import Task
+from ..tuner.model import AU
+from ..fitting.scores import MomentumScores, _check_alpha
 
 DEFAULT_KS = (1, 2, 4, 8, 16, 32, 64, 100)
 DEFAULT_ALPHAS = (1, 2, 5, 10, 20, 50, 100)

@@ -29,10 +29,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .baselines import CAA_MULTIPLIERS, block_level_aus, caa_layers, caa_steering, caa_vectors
-from .evaluate.runner import SplitResult, evaluate_split
-from .evaluate.scoring import bootstrap_ci, paired_test
-from .evaluate.tasks import Task
-from .fit import compute_momentum
+from .runner import SplitResult, evaluate_split
+from .scoring import bootstrap_ci, paired_test
+from .tasks import Task
+from ..fitting.fit import compute_momentum
 from .sweep import DEFAULT_ALPHAS, DEFAULT_KS, SweepCell, SweepResult, scores_for_sites, sweep_aus, sweep_k_alpha
 from .sweep import write_sweep_csv
 

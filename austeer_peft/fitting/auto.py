@@ -49,10 +49,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .evaluate.scoring import continuation_logprobs
-from .evaluate.runner import _pad_left, forward_logits
+from ..evaluate.scoring import continuation_logprobs
+from ..evaluate.runner import _pad_left, forward_logits
 from .fit import _base_model, _max_length, _pad_token_id, tokenize_pairs
-from .momentum import MomentumScores, _check_alpha
+from .scores import MomentumScores, _check_alpha
 
 MAX_HELDOUT_PAIRS = 128  # every cell scores each held-out pair once, so this bounds the cost
 MIN_PAIRS_PER_SIDE = 8

@@ -28,10 +28,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import AUSteerConfig
-from .momentum import MomentumCounter, MomentumScores
+from ..tuner.config import AUSteerConfig
+from .scores import MomentumCounter, MomentumScores
 from .pairs import as_text_pairs
-from .sites import candidate_modules
+from ..tuner.sites import candidate_modules
 
 
 @dataclass

@@ -27,10 +27,10 @@ from .cards import (
     load_austeer_card,
     save_adapter_card,
 )
-from .config import AUSteerConfig
-from .layer import AUSteerLayer
-from .model import AUSteerModel
-from .sites import base_named_modules, is_linear_like, linear_features, merge_slices, unwrap
+from ..tuner.config import AUSteerConfig
+from ..tuner.layer import AUSteerLayer
+from ..tuner.model import AUSteerModel
+from ..tuner.sites import base_named_modules, is_linear_like, linear_features, merge_slices, unwrap
 
 PathLike = Union[str, os.PathLike]
 IA3_TAGS = ["ia3", "austeer", "activation-steering", "peft"]
@@ -52,7 +52,7 @@ def push_to_hub(model_or_folder, repo_id: str, *, commit_message: Optional[str] 
     """
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    from . import __version__
+    from .. import __version__
 
     api = HfApi(library_name="austeer-peft", library_version=__version__)
     repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id

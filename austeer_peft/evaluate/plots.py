@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Optional, Union
 
-from .sites import SiteModule
+from ..tuner.sites import SiteModule
 from .sweep import SweepResult
 
 

@@ -115,7 +115,7 @@ def add_model_and_task_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_task_from_args(args: argparse.Namespace):
-    from .evaluate import load_task, load_user_task
+    from ..evaluate import load_task, load_user_task
 
     if (args.task is None) == (args.data is None):
         raise CommandError("give either --task (a built-in task) or --data with --template (your own data).")
@@ -137,7 +137,7 @@ def load_task_from_args(args: argparse.Namespace):
 def load_model_from_args(args: argparse.Namespace):
     import torch
 
-    from .models import load_model
+    from ..hub.models import load_model
 
     return load_model(args.model, dtype=getattr(torch, args.dtype))
 
@@ -172,7 +172,7 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
 def run_fit(args: argparse.Namespace) -> int:
     import time
 
-    from .fit import fit_austeer
+    from ..fitting.fit import fit_austeer
 
     output = _output_folder(args.output, args.force)
     task = load_task_from_args(args)
@@ -224,8 +224,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from .evaluate import bootstrap_ci, paired_test
-    from .evaluate.runner import evaluate_split
+    from ..evaluate import bootstrap_ci, paired_test
+    from ..evaluate.runner import evaluate_split
 
     task = load_task_from_args(args)
     model, tokenizer = load_model_from_args(args)
@@ -276,7 +276,7 @@ register_command(Command(
 
 
 def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
-    from .sweep import DEFAULT_ALPHAS, DEFAULT_KS
+    from ..evaluate.sweep import DEFAULT_ALPHAS, DEFAULT_KS
 
     add_model_and_task_arguments(parser)
     group = parser.add_argument_group("sweep")
@@ -294,7 +294,7 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    from .compare import compare_methods
+    from ..evaluate.compare import compare_methods
 
     output = _output_folder(args.output, args.force)
     task = load_task_from_args(args)
@@ -341,7 +341,7 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
 def run_merge(args: argparse.Namespace) -> int:
     import torch
 
-    from .export import merge_and_save
+    from ..hub.export import merge_and_save
 
     _refuse_nonempty(args.output, args.force)
     output = merge_and_save(args.model, args.adapter, args.output, dtype=getattr(torch, args.dtype))
@@ -381,7 +381,7 @@ def add_push_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_push(args: argparse.Namespace) -> int:
-    from .export import push_to_hub
+    from ..hub.export import push_to_hub
 
     commit = push_to_hub(args.adapter, args.repo_id, commit_message=args.commit_message,
                          private=True if args.private else None, token=args.token, revision=args.revision,
@@ -412,7 +412,7 @@ def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from .cards import facts_from_folder, site_and_layer
+    from ..hub.cards import facts_from_folder, site_and_layer
 
     folder = _adapter_folder(args.adapter, args.revision)
     facts = facts_from_folder(folder)
@@ -495,16 +495,13 @@ def _is_main_process() -> bool:
 
 
 def _aliases() -> list[str]:
-    from .models import MODEL_ALIASES
+    from ..hub.models import MODEL_ALIASES
 
     return sorted(MODEL_ALIASES)
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 
-
-if __name__ == "__main__":
-    sys.exit(main())
