@@ -6,7 +6,8 @@ from .tuner.config import AUSteerConfig
 from .hub.export import merge_and_save, push_to_hub, save_merged, to_ia3
 from .fitting.fit import FitResult, compute_momentum, fit_austeer
 from .tuner.layer import AUSteerLayer
-from .tuner.model import AU, AUSteerModel
+from .tuner.aus import AU
+from .tuner.model import AUSteerModel
 from .fitting.scores import MomentumScores
 from .fitting.pairs import as_text_pairs, pairs_from_answer_pool, pairs_from_choices
 from .tuner.registry import register_austeer

@@ -25,7 +25,8 @@ from austeer_peft import compute_momentum
 from austeer_peft.fitting.auto import AUTO_KS, split_folds
 from austeer_peft.evaluate import load_task
 from austeer_peft.evaluate.runner import evaluate_split
-from austeer_peft.fitting.scores import AU, MomentumScores, adaptive_gamma
+from austeer_peft import AU
+from austeer_peft.fitting.scores import MomentumScores, adaptive_gamma
 from austeer_peft.hub.models import load_model
 from austeer_peft.fitting.pairs import as_text_pairs
 

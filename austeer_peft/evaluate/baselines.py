@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..fitting.fit import _accepts, _base_model, _eval_mode, _input_device, _max_length, _pad_token_id, make_batches
 from ..fitting.fit import tokenize_pairs
-from ..tuner.model import AU
+from ..tuner.aus import AU
 from ..fitting.scores import MomentumScores, _check_alpha, adaptive_gamma
 from ..fitting.pairs import as_text_pairs
 from ..tuner.sites import find_decoder_layers

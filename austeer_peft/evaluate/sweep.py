@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .runner import SplitResult, evaluate_split
 from .tasks import Task
-from ..tuner.model import AU
+from ..tuner.aus import AU
 from ..fitting.scores import MomentumScores, _check_alpha
 
 DEFAULT_KS = (1, 2, 4, 8, 16, 32, 64, 100)

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..tuner.config import AUSteerConfig
 from ..tuner.experts import fused_experts_axis, read_expert_units
-from ..tuner.model import AU
+from ..tuner.aus import AU
 from ..tuner.sites import SiteModule, base_named_modules, candidate_modules, unwrap
 
 SCORES_FORMAT = "austeer-momentum"

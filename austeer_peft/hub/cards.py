@@ -31,7 +31,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from peft import PeftModel
 
 from ..tuner.config import AUSteerConfig
-from ..tuner.model import AU, AUSteerModel, table_to_aus
+from ..tuner.aus import AU
+from ..tuner.model import AUSteerModel, table_to_aus
 from ..tuner.sites import SITES
 
 CARD_TAGS = ["austeer", "activation-steering", "peft"]
