@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import random
 
@@ -128,15 +129,17 @@ def test_sweep_reuses_one_momentum_pass_and_counts_its_forwards(monkeypatch):
     batches = -(-len(task.validation) // 4)
     assert len(sweep.cells) == len(ks) * len(alphas)
     assert counter.calls == (1 + len(ks) * len(alphas)) * batches  # vanilla + one evaluation per cell, nothing more
-    # The model is left steered by the best cell, and its score is reproduced by a fresh evaluation.
-    best = sweep.best
-    expected = scores.select(best.k, best.alpha)
+    # The model is left steered by the cell that ships (or by nothing), and a fresh evaluation reproduces its score.
+    chosen = sweep.chosen
+    expected = [] if chosen is None else scores.select(chosen.k, chosen.alpha)
     steered = peft_model.get_aus()
     assert [(au.module, au.dim) for au in steered] == [(au.module, au.dim) for au in sorted(expected)]
     assert [au.gamma for au in steered] == pytest.approx([au.gamma for au in sorted(expected)], rel=1e-6)
-    assert evaluate_split(peft_model, tokenizer, task, "validation").accuracy == best.accuracy
-    config = peft_model.peft_config["default"]
-    assert (config.k, config.alpha) == (best.k, best.alpha)
+    shipped_accuracy = sweep.vanilla.accuracy if chosen is None else chosen.accuracy
+    assert evaluate_split(peft_model, tokenizer, task, "validation").accuracy == shipped_accuracy
+    if chosen is not None:
+        config = peft_model.peft_config["default"]
+        assert (config.k, config.alpha) == (chosen.k, chosen.alpha)
 
 
 def test_each_cell_equals_a_separately_built_adapter():
@@ -257,11 +260,66 @@ def test_compare_methods_writes_the_table_and_reloadable_adapters(tmp_path):
         rows = list(csv.DictReader(handle))
     assert len(rows) == 2 * 2 * 2 + 2 + len(caa_layers(2))  # two sites x grid, block-level alphas, CAA layers
     assert {(tmp_path / f).exists() for f in ["heatmap_attention.png", "heatmap_ffn.png", "au_locations.png"]} == {True}
-    # Each saved AUSteer adapter reloads onto a fresh base model and reproduces its test accuracy.
+    # Each saved AUSteer adapter reloads onto a fresh base model and reproduces its test accuracy; a method that
+    # shipped no steer saves no adapter and reports the unsteered model.
     for row in table[1:4]:
         name = {"AUSteer-attention": "austeer_attention", "AUSteer-ffn": "austeer_ffn"}.get(row["method"],
                                                                                              "block_level")
+        if not row["shipped"]:
+            assert not (tmp_path / "adapters" / name).exists()
+            assert (row["test_accuracy"], row["steered"], row["gain"]) == (table[0]["test_accuracy"], 0, 0.0)
+            assert "no steer beats vanilla on this data" in row["note"]
+            continue
         reloaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "adapters" / name)
         accuracy = evaluate_split(reloaded, tokenizer, task, "test").accuracy
         assert round(100 * accuracy, 2) == row["test_accuracy"]
         assert row["adapter_bytes"] == (tmp_path / "adapters" / name / "adapter_model.safetensors").stat().st_size
+
+
+# ---------------------------------------------------------------------------------------------------- selection
+
+
+def labelled_by(model, tokenizer, task, steer=None):
+    """``task`` with its validation and test labels replaced by the answers of ``model`` (steered by ``steer``, a
+    ``(scores, k, alpha)`` triple, or unsteered): a task on which that steer is exactly right. Returns the plain
+    model and the task."""
+    peft_model = None if steer is None else steer[0].to_adapter(steer[1], steer[2], model, adapter_name="labeller")
+    splits = {}
+    for split in ("validation", "test"):
+        data = task.split(split)
+        result = evaluate_split(peft_model or model, tokenizer, task, split)
+        labels = [label if ok else 1 - label for ok, label in zip(result.correct, data["label"])]
+        splits[split] = data.remove_columns("label").add_column("label", labels)
+    if peft_model is not None:
+        model = peft_model.unload()
+    return model, dataclasses.replace(task, **splits)
+
+
+def test_a_task_no_cell_helps_ships_no_steer():
+    """Labels = the unsteered model's own answers: every cell can only lose, so the sweep ships nothing."""
+    tokenizer = char_tokenizer()
+    model, task = labelled_by(tiny_model("llama"), tokenizer, toy_task(n=120, n_test=30, n_validation=60))
+    scores = compute_momentum(model, tokenizer, task.pairs("fit"), sites=SITES, progress=False)
+    sweep, peft_model = sweep_k_alpha(model, tokenizer, scores, task, "validation", [1, 4, 16], [5.0, 50.0],
+                                      progress=False)
+    assert sweep.vanilla.accuracy == 1.0 and sweep.chosen is None and not sweep.selection.shipped
+    assert "no steer beats vanilla on this data" in sweep.selection.note
+    assert peft_model.get_aus() == []
+    assert sweep.selection.most_accurate == (sweep.best.k, sweep.best.alpha)  # the old rule's cell, for reference
+
+
+def test_a_planted_effect_ships_the_steer_that_carries_it():
+    """Labels = the answers under one cell of the grid: that cell is right everywhere and vanilla is not, so a steer
+    ships, as good as the planted one on validation, and it beats vanilla on test."""
+    tokenizer = char_tokenizer()
+    base, task = tiny_model("llama"), toy_task(n=200, n_test=60, n_validation=100)
+    scores = compute_momentum(base, tokenizer, task.pairs("fit"), sites=SITES, progress=False)
+    model, task = labelled_by(base, tokenizer, task, steer=(scores, 64, 20.0))
+    sweep, peft_model = sweep_k_alpha(model, tokenizer, scores, task, "validation", [4, 16, 64], [5.0, 20.0],
+                                      progress=False)
+    planted = next(cell for cell in sweep.cells if (cell.k, cell.alpha) == (64, 20.0))
+    assert planted.accuracy == 1.0 and sweep.vanilla.accuracy < 0.9  # the plant moved enough answers to be seen
+    assert sweep.selection.shipped and sweep.chosen.accuracy >= planted.accuracy - 0.05
+    with peft_model.disable_adapter():
+        vanilla_test = evaluate_split(peft_model, tokenizer, task, "test").accuracy
+    assert evaluate_split(peft_model, tokenizer, task, "test").accuracy > vanilla_test

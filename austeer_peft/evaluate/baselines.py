@@ -63,6 +63,18 @@ class CAAVectors:
         return Path(path).stat().st_size
 
 
+def unsteered(model: nn.Module) -> contextlib.AbstractContextManager:
+    """``model`` with its adapters disabled. PEFT's ``disable_adapter`` refuses a PeftModel whose adapters wrap no
+    module (an AUSteer adapter with no AUs, e.g. when no steer shipped), which is unsteered already."""
+    from peft import PeftModel
+
+    from ..tuner.layer import AUSteerLayer
+
+    if isinstance(model, PeftModel) and any(isinstance(m, AUSteerLayer) for m in model.modules()):
+        return model.disable_adapter()
+    return contextlib.nullcontext()
+
+
 def caa_vectors(model: nn.Module, tokenizer: Any, pairs: Any, *, batch_size: int = 16,
                 max_length: Optional[int] = None, progress: bool = True) -> CAAVectors:
     """One pass over the pairs (the unsteered model, adapters disabled) reading every decoder layer's last-token
@@ -89,8 +101,7 @@ def caa_vectors(model: nn.Module, tokenizer: Any, pairs: Any, *, batch_size: int
     device = _input_device(base)
     accepts_position_ids = _accepts(base, "position_ids")
     with contextlib.ExitStack() as stack:
-        if base is not model:
-            stack.enter_context(model.disable_adapter())
+        stack.enter_context(unsteered(model))
         stack.enter_context(_eval_mode(base))
         stack.enter_context(torch.inference_mode())
         handles = [layer.register_forward_hook(reader(i)) for i, layer in enumerate(layers)]

@@ -1,6 +1,8 @@
 """AUSteer next to its baselines on one task, in one harness: the job behind ``austeer sweep`` and the demo.
 
-For each method the steering settings are picked on the validation split and the test split is scored once:
+For each method every setting is scored on the validation split, the guarded rule of
+:mod:`austeer_peft.fitting.selection` decides which one ships, or that none does ("no steer beats vanilla on this
+data": the method then gives the unsteered model), and the test split is scored once:
 
 =================  ============================================================================================
 vanilla            the unsteered model
@@ -16,7 +18,6 @@ every sweep), ``scores.safetensors`` (the momentum table), ``adapters/<method>/`
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 import warnings
@@ -28,13 +29,14 @@ from typing import Any, Optional, Union
 from torch import nn
 from tqdm.auto import tqdm
 
-from .baselines import CAA_MULTIPLIERS, block_level_aus, caa_layers, caa_steering, caa_vectors
+from .baselines import CAA_MULTIPLIERS, block_level_aus, caa_layers, caa_steering, caa_vectors, unsteered
 from .runner import SplitResult, evaluate_split
 from .scoring import bootstrap_ci, paired_test
+from ..fitting.selection import NO_STEER_NOTE, Selection, paired_gain_ci
 from .tasks import Task
 from ..fitting.fit import compute_momentum
-from .sweep import DEFAULT_ALPHAS, DEFAULT_KS, SweepCell, SweepResult, scores_for_sites, sweep_aus, sweep_k_alpha
-from .sweep import write_sweep_csv
+from .sweep import DEFAULT_ALPHAS, DEFAULT_KS, SweepCell, SweepResult, scores_for_sites, select_cell, sweep_aus
+from .sweep import sweep_k_alpha, write_sweep_csv
 
 BASELINES = ("block", "caa")
 
@@ -50,6 +52,12 @@ class MethodResult:
     fit_seconds: float  # the pass(es) over the pairs this method needs (0 for vanilla)
     validation_accuracy: Optional[float] = None
     settings: dict[str, Any] = field(default_factory=dict)
+    selection: Optional[Selection] = None  # how the shipped setting was chosen (None for vanilla)
+
+    @property
+    def shipped(self) -> bool:
+        """False when the selection found no setting that beats vanilla: the row then is the unsteered model."""
+        return self.selection is None or self.selection.shipped
 
 
 @dataclass
@@ -63,22 +71,35 @@ class Comparison:
     seconds: float
     choices: Optional[list[str]] = None  # the task's shared choices (None: per-row options)
 
+    def __str__(self) -> str:
+        return self.format_table()
+
+    __repr__ = __str__  # print(comparison) and the REPL show the table, not every per-example list
+
     def table(self) -> list[dict[str, Any]]:
-        """Rows of the results table, with 95 % bootstrap CIs and the paired test against vanilla."""
+        """Rows of the results table: test accuracy and its gain over vanilla, each with a 95 % bootstrap CI, the
+        paired test against vanilla, and whether the method shipped a steer."""
         vanilla = self.methods[0].test.correct
         rows = []
         for method in self.methods:
             mean, low, high = bootstrap_ci(method.test.correct)
+            gain, gain_low, gain_high = paired_gain_ci(method.test.correct, vanilla)
             rows.append({
-                "method": method.method, "steered": method.num_steered, "test_accuracy": round(100 * mean, 2),
+                "method": method.method, "shipped": method.shipped,
+                "note": "" if method.selection is None else method.selection.note,
+                "steered": method.num_steered, "test_accuracy": round(100 * mean, 2),
                 "ci_low": round(100 * low, 2), "ci_high": round(100 * high, 2),
-                "p_vs_vanilla": None if method is self.methods[0] else paired_test(vanilla, method.test.correct),
+                "gain": round(100 * gain, 2), "gain_ci_low": round(100 * gain_low, 2),
+                "gain_ci_high": round(100 * gain_high, 2),
+                "p_vs_vanilla": None if method is self.methods[0] or not method.shipped else
+                paired_test(vanilla, method.test.correct),
                 "adapter_bytes": method.adapter_bytes, "fit_seconds": round(method.fit_seconds, 1),
                 "validation_accuracy": None if method.validation_accuracy is None else
                 round(100 * method.validation_accuracy, 2),
                 **({"also_" + name: round(100 * sum(v) / len(v), 2) for name, v in method.test.also.items()}),
                 "predicted": self._predicted(method.test),
                 "settings": method.settings,
+                "selection": None if method.selection is None else method.selection.as_dict(),
             })
         return rows
 
@@ -89,15 +110,20 @@ class Comparison:
         return {name: round(100 * share, 1) for name, share in test.predicted_shares(self.choices).items()}
 
     def format_table(self) -> str:
-        lines = [f"{self.task}: test {self.sizes['test']} examples, scoring {self.scoring}; {self.split_note}",
-                 f"{'method':<20} {'#steered':>9} {'test accuracy (95 % CI)':>26} {'p vs vanilla':>12} "
-                 f"{'adapter bytes':>13} {'fit s':>7}  {'answers (% of test)':<22} settings"]
+        sizes = ", ".join(f"{split} {size}" for split, size in self.sizes.items())
+        lines = [f"{self.task}: {sizes} examples; scoring {self.scoring}; {self.split_note}",
+                 f"{'method':<20} {'#steered':>9} {'test accuracy (95 % CI)':>24} {'gain vs vanilla (95 % CI)':>26} "
+                 f"{'p':>8} {'adapter bytes':>13} {'fit s':>7}  {'answers (% of test)':<22} settings"]
         for row in self.table():
             accuracy = f"{row['test_accuracy']:.1f} ({row['ci_low']:.1f}–{row['ci_high']:.1f})"
+            gain = "" if row["method"] == "vanilla" else \
+                f"{row['gain']:+.1f} ({row['gain_ci_low']:+.1f}–{row['gain_ci_high']:+.1f})"
             p_value = "" if row["p_vs_vanilla"] is None else f"{row['p_vs_vanilla']:.3g}"
             answers = " · ".join(f"{name.strip()} {share:.0f}" for name, share in (row["predicted"] or {}).items())
             settings = ", ".join(f"{key}={value}" for key, value in row["settings"].items())
-            lines.append(f"{row['method']:<20} {row['steered']:>9} {accuracy:>26} {p_value:>12} "
+            if not row["shipped"]:
+                gain, settings = "not shipped", NO_STEER_NOTE
+            lines.append(f"{row['method']:<20} {row['steered']:>9} {accuracy:>24} {gain:>26} {p_value:>8} "
                          f"{row['adapter_bytes']:>13} {row['fit_seconds']:>7.1f}  {answers:<22} {settings}")
         return "\n".join(lines)
 
@@ -144,24 +170,24 @@ def compare_methods(
     fit_seconds = time.perf_counter() - fit_started
     if output is not None:
         scores.save(output / "scores.safetensors")
-    peft_model, best_austeer = model, None
+    peft_model = model
     for site in sites:
         name = f"austeer_{site}"
         sweep, peft_model = sweep_k_alpha(peft_model, tokenizer, scores_for_sites(scores, site), task, "validation",
                                           ks, alphas, scoring=scoring, batch_size=batch_size, adapter_name=name,
                                           method=f"AUSteer-{site}", vanilla=vanilla_validation, progress=progress)
         sweeps.append(sweep)
-        result = MethodResult(sweep.method, sweep.best.num_aus, evaluate(peft_model, "test"),
-                              _adapter_bytes(peft_model, name, output), fit_seconds, sweep.best.accuracy,
-                              {"k": sweep.best.k, "alpha": sweep.best.alpha})
-        methods.append(result)
-        if best_austeer is None or sweep.best.accuracy > best_austeer[1].best.accuracy:
-            best_austeer = (name, sweep, [au.module for au in peft_model.get_aus(name)])
+        methods.append(_method_result(sweep, lambda: evaluate(peft_model, "test"), vanilla_test,
+                                      lambda: _adapter_bytes(peft_model, name, output), fit_seconds,
+                                      lambda cell: {"k": cell.k, "alpha": cell.alpha}))
 
     if "block" in baselines:
-        name, sweep, steered_modules = best_austeer
-        blocks = list(dict.fromkeys(steered_modules))
-        site_scores = scores_for_sites(scores, name.removeprefix("austeer_"))
+        # The blocks of the AUSteer site whose steer ships with the best validation accuracy; when none ships, of the
+        # most accurate cell of all sites (block-level is judged by its own selection either way).
+        site_sweep = max(sweeps, key=lambda s: (s.chosen is not None, (s.chosen or s.best).accuracy))
+        cell = site_sweep.chosen or site_sweep.best
+        site_scores = scores_for_sites(scores, site_sweep.method.removeprefix("AUSteer-"))
+        blocks = list(dict.fromkeys(au.module for au in site_scores.select(cell.k, cell.alpha)))
         peft_model = site_scores.to_adapter(1, 1.0, peft_model, adapter_name="block_level")
         cells = [(None, alpha, block_level_aus(site_scores, blocks, alpha)) for alpha in alphas]
         cells = [(len(aus), alpha, aus) for _, alpha, aus in cells]
@@ -169,14 +195,13 @@ def compare_methods(
                                             adapter_name="block_level", method="block-level", scoring=scoring,
                                             batch_size=batch_size, vanilla=vanilla_validation, progress=progress)
         sweeps.append(block_sweep)
-        methods.append(MethodResult("block-level", block_sweep.best.num_aus, evaluate(peft_model, "test"),
-                                    _adapter_bytes(peft_model, "block_level", output), fit_seconds,
-                                    block_sweep.best.accuracy,
-                                    {"blocks": blocks, "alpha": block_sweep.best.alpha}))
+        methods.append(_method_result(block_sweep, lambda: evaluate(peft_model, "test"), vanilla_test,
+                                      lambda: _adapter_bytes(peft_model, "block_level", output), fit_seconds,
+                                      lambda cell: {"blocks": blocks, "alpha": cell.alpha}))
 
     if "caa" in baselines:
         methods.append(_caa(peft_model, tokenizer, task, pairs, caa_multipliers, evaluate, sweeps, vanilla_validation,
-                            scoring, batch_size, output, progress))
+                            vanilla_test, scoring, batch_size, output, progress))
 
     comparison = Comparison(task.name, task.split_note, vanilla_test.scoring, task.sizes, methods, sweeps,
                             time.perf_counter() - started, task.choices)
@@ -185,12 +210,10 @@ def compare_methods(
     return comparison
 
 
-def _caa(model, tokenizer, task, pairs, multipliers, evaluate, sweeps, vanilla_validation, scoring, batch_size,
-         output, progress) -> MethodResult:
+def _caa(model, tokenizer, task, pairs, multipliers, evaluate, sweeps, vanilla_validation, vanilla_test, scoring,
+         batch_size, output, progress) -> MethodResult:
     """CAA: one pass for the vectors of all layers, a (layer, multiplier) sweep on validation, one test run."""
-    from peft import PeftModel
-
-    disabled = model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
+    disabled = unsteered(model)
     fit_started = time.perf_counter()
     vectors = caa_vectors(model, tokenizer, pairs, batch_size=batch_size, progress=progress)
     fit_seconds = time.perf_counter() - fit_started
@@ -204,14 +227,32 @@ def _caa(model, tokenizer, task, pairs, multipliers, evaluate, sweeps, vanilla_v
         sweep = SweepResult("CAA", cells, vanilla_validation, vanilla_validation.scoring,
                             len(vanilla_validation.correct), time.perf_counter() - fit_started - fit_seconds,
                             axes=("layer", "multiplier"))
-        best = max(cells, key=lambda cell: (cell.accuracy, -cell.alpha))  # ties: the weaker multiplier
-        with caa_steering(model, best.k, vectors.vectors[best.k], best.alpha):
-            test = evaluate(model, "test")
+        select_cell(sweep, cost=lambda cell: (cell.alpha, cell.k))  # simplest: the weaker multiplier
+        chosen = sweep.chosen
+        if chosen is not None:
+            with caa_steering(model, chosen.k, vectors.vectors[chosen.k], chosen.alpha):
+                test = evaluate(model, "test")
     sweeps.append(sweep)
-    size = vectors.save(output / "adapters" / "caa.safetensors", best.k) if output is not None else \
-        4 * vectors.vectors.shape[1]
-    return MethodResult("CAA", vectors.vectors.shape[1], test, size, fit_seconds, best.accuracy,
-                        {"layer": best.k, "multiplier": best.alpha})
+
+    def size() -> int:
+        if output is None:
+            return 4 * vectors.vectors.shape[1]
+        return vectors.save(output / "adapters" / "caa.safetensors", chosen.k)
+
+    return _method_result(sweep, lambda: test, vanilla_test, size, fit_seconds,
+                          lambda cell: {"layer": cell.k, "multiplier": cell.alpha})
+
+
+def _method_result(sweep: SweepResult, test, vanilla_test: SplitResult, adapter_bytes, fit_seconds: float,
+                   settings) -> MethodResult:
+    """The row of a swept method: its shipped cell scored on test, or, when nothing ships, the unsteered model
+    (``test``, ``adapter_bytes`` and ``settings`` are called only for a shipped cell)."""
+    chosen = sweep.chosen
+    if chosen is None:
+        return MethodResult(sweep.method, 0, vanilla_test, 0, fit_seconds, sweep.vanilla.accuracy, {},
+                            sweep.selection)
+    return MethodResult(sweep.method, chosen.num_aus, test(), adapter_bytes(), fit_seconds, chosen.accuracy,
+                        settings(chosen), sweep.selection)
 
 
 def _adapter_bytes(peft_model, adapter_name: str, output: Optional[Path]) -> int:

@@ -24,7 +24,7 @@ def _pyplot():
 
 
 def plot_sweep_heatmap(sweep: SweepResult, path: Union[str, Path], title: Optional[str] = None) -> Path:
-    """Validation accuracy of every (k, α) cell, the best cell outlined, the vanilla score in the title."""
+    """Validation accuracy of every (k, α) cell, the shipped and the most accurate cell outlined, vanilla in the title."""
     plt = _pyplot()
     ks = sorted({cell.k for cell in sweep.cells})
     alphas = sorted({cell.alpha for cell in sweep.cells})
@@ -36,15 +36,20 @@ def plot_sweep_heatmap(sweep: SweepResult, path: Union[str, Path], title: Option
     for row, k in enumerate(ks):
         for column, alpha in enumerate(alphas):
             axes.text(column, row, f"{grid[row][column]:.1f}", ha="center", va="center", fontsize=7, color="white")
-    best = sweep.best
-    axes.add_patch(plt.Rectangle((alphas.index(best.alpha) - 0.5, ks.index(best.k) - 0.5), 1, 1, fill=False,
-                                 edgecolor="red", linewidth=2))
+    # Red: the cell that ships; dashed white: the most accurate cell when it is another one (or nothing ships).
+    shipped = sweep.chosen if sweep.selection is not None else None
+    for cell, style in ((sweep.best, {"edgecolor": "white", "linestyle": "--"}), (shipped, {"edgecolor": "red"})):
+        if cell is not None:
+            axes.add_patch(plt.Rectangle((alphas.index(cell.alpha) - 0.5, ks.index(cell.k) - 0.5), 1, 1, fill=False,
+                                         linewidth=2, **style))
     axes.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
     axes.set_yticks(range(len(ks)), [str(k) for k in ks])
     axes.set_xlabel("α")
     axes.set_ylabel("k (steered AUs)")
     vanilla = f", vanilla {100 * sweep.vanilla.accuracy:.1f} %" if sweep.vanilla is not None else ""
-    axes.set_title(title or f"{sweep.method}: validation accuracy (%) on {sweep.num_examples}{vanilla}", fontsize=9)
+    shipped_note = "" if sweep.selection is None or sweep.selection.shipped else "; no steer shipped"
+    axes.set_title(title or f"{sweep.method}: validation accuracy (%) on {sweep.num_examples}{vanilla}{shipped_note}",
+                   fontsize=9)
     figure.colorbar(image, ax=axes)
     figure.tight_layout()
     path = Path(path)
@@ -70,6 +75,10 @@ def plot_au_locations(aus_by_method: Mapping[str, Sequence], modules: Sequence[S
             if site not in sites:
                 sites.append(site)
             counts[site, module.layer] = counts.get((site, module.layer), 0) + 1
+        if not aus:  # nothing shipped for this method
+            axes.set_axis_off()
+            axes.set_title(f"{method}: no steer shipped", fontsize=9)
+            continue
         grid = [[counts.get((site, layer), 0) for layer in layers] for site in sites]
         axes.imshow(grid, cmap="Blues", aspect="auto", vmin=0)
         for row, site in enumerate(sites):
