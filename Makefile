@@ -21,7 +21,7 @@ test: $(VENV)/.installed
 
 # The main job on the embedded default model: AUSteer (attention, ffn) vs vanilla, block-level and CAA on SST-2.
 demo: $(VENV)/.installed
-	HF_HUB_OFFLINE=1 $(PY) -m austeer_peft.cli sweep --task sst2 --n-fit 300 --n-validation 50 --n-test 500 \
+	HF_HUB_OFFLINE=1 $(PY) -m austeer_peft.cli sweep --task sst2 --n-fit 300 --n-validation 200 --n-test 500 \
 		--output demo-output --force
 
 .PHONY: install test demo
