@@ -274,3 +274,20 @@ def test_inputs_longer_than_the_context_are_cut_from_the_left_with_a_warning():
     for name in cut.n_pos:
         assert torch.equal(scores.n_pos[name], cut.n_pos[name])
         assert torch.equal(scores.n_neg[name], cut.n_neg[name])
+
+
+def test_config_from_pretrained_brings_its_table_and_explicit_configs_still_load(tmp_path, input_ids):
+    """A config read by AUSteerConfig.from_pretrained carries where it was read from (not saved): the adapter made
+    from it reads its AUs there. A config built by hand loads the table when PEFT hands it over, as before."""
+    path = _saved_adapter(tmp_path / "saved")
+    reference = PeftModel.from_pretrained(tiny_model("llama"), path)
+    config = AUSteerConfig.from_pretrained(str(path))
+    assert "_table_source" not in config.to_dict()
+    made = get_peft_model(tiny_model("llama"), config)
+    assert made.get_aus() == reference.get_aus()
+    explicit = json.loads((path / "adapter_config.json").read_text())
+    hand_made = AUSteerConfig(sites=explicit["sites"], steered_modules=explicit["steered_modules"],
+                              base_model_type=explicit["base_model_type"])
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), path, config=hand_made)
+    assert loaded.get_aus() == reference.get_aus()
+    assert torch.equal(logits(loaded, input_ids), logits(reference, input_ids))
