@@ -1,4 +1,5 @@
-"""Model cards: written by save_pretrained from the template, parseable, filled, and honest about what is known."""
+"""Model cards: written by austeer_peft.save_adapter from the template, parseable, filled, and honest about what is
+known; PEFT's own classes and save_pretrained are left as they are."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from conftest import FAMILIES, tiny_model
 from huggingface_hub import ModelCard
 from peft import LoraConfig, PeftModel, PeftModelForCausalLM, get_peft_model
 
-from austeer_peft import AUSteerConfig, adapter_card, attach_card_info
-from austeer_peft.hub.cards import AUSteerHubMixin, adapter_card_from_folder, template_path
+from austeer_peft import AUSteerConfig, adapter_card, attach_card_info, save_adapter
+from austeer_peft.hub.cards import adapter_card_from_folder, template_path
 
 PLACEHOLDERS = re.compile(r"More Information Needed|\{\{|\}\}|\{%|%\}|\bTODO\b|\bNone\b|\bnan\b|\[optional\]")
 
@@ -38,7 +39,7 @@ def steered(family="llama", sites=("attention", "ffn"), aus=None, base_id=None, 
 
 
 def saved_card(model, tmp_path) -> ModelCard:
-    model.save_pretrained(tmp_path)
+    save_adapter(model, tmp_path)
     return ModelCard.load(tmp_path / "README.md")
 
 
@@ -47,7 +48,7 @@ def test_template_is_the_one_in_model_cards():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_save_pretrained_writes_the_austeer_card(family, tmp_path):
+def test_save_adapter_writes_the_austeer_card(family, tmp_path):
     card = saved_card(steered(family, base_id="org/tiny-model"), tmp_path)
     assert card.data.library_name == "peft"
     assert card.data.tags == ["austeer", "activation-steering", "peft"]
@@ -146,27 +147,34 @@ def test_card_from_saved_files_matches_the_saved_card(tmp_path):
     assert str(adapter_card_from_folder(tmp_path)) == str(card)
 
 
-def test_only_austeer_peft_models_get_the_card_methods(tmp_path):
+def test_peft_models_keep_their_class_and_plain_save_pretrained_still_saves_a_loadable_adapter(tmp_path, input_ids):
     model = steered()
-    assert isinstance(model, AUSteerHubMixin) and type(model).__name__ == "PeftModel"  # reprs do not change
+    assert type(model) is PeftModel
     causal = get_peft_model(tiny_model("llama"), AUSteerConfig(task_type="CAUSAL_LM"))
-    assert isinstance(causal, AUSteerHubMixin) and isinstance(causal, PeftModelForCausalLM)
-    assert type(causal).__name__ == "PeftModelForCausalLM"
-    lora = get_peft_model(tiny_model("llama"), LoraConfig(target_modules=["q_proj"], task_type="CAUSAL_LM"))
-    assert type(lora) is PeftModelForCausalLM
-    lora.save_pretrained(tmp_path)
+    assert type(causal) is PeftModelForCausalLM
+    model.save_pretrained(tmp_path)  # PEFT's own save: its generic card, the AUSteer adapter files
     assert "austeer" not in (ModelCard.load(tmp_path / "README.md").data.tags or [])
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
+    assert type(loaded) is PeftModel and loaded.get_aus() == model.get_aus()
+    assert torch.equal(loaded(input_ids).logits, model(input_ids).logits)
+    lora = get_peft_model(tiny_model("llama"), LoraConfig(target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    with pytest.raises(TypeError, match="Expected a PeftModel holding AUSteer adapters"):
+        save_adapter(lora, tmp_path / "lora")
 
 
-def test_models_with_card_methods_copy_and_pickle(input_ids):
+def test_save_adapter_passes_save_pretrained_options_and_respects_is_main_process(tmp_path):
+    model = steered()
+    save_adapter(model, tmp_path / "worker", is_main_process=False)
+    assert not (tmp_path / "worker" / "README.md").exists()
+    save_adapter(model, tmp_path / "bin", safe_serialization=False, tags=["sentiment"])
+    assert (tmp_path / "bin" / "adapter_model.bin").exists()
+    assert ModelCard.load(tmp_path / "bin" / "README.md").data.tags[-1] == "sentiment"
+
+
+def test_models_copy_and_pickle(input_ids):
     model = steered()
     want = model(input_ids).logits
     clone = copy.deepcopy(model)
-    assert isinstance(clone, AUSteerHubMixin) and torch.equal(clone(input_ids).logits, want)
+    assert type(clone) is PeftModel and torch.equal(clone(input_ids).logits, want)
     restored = pickle.loads(pickle.dumps(model))
-    assert type(restored) is type(model) and torch.equal(restored(input_ids).logits, want)
-
-
-def test_loaded_models_get_the_card_methods(tmp_path):
-    steered().save_pretrained(tmp_path)
-    assert isinstance(PeftModel.from_pretrained(tiny_model("llama"), tmp_path), AUSteerHubMixin)
+    assert type(restored) is PeftModel and torch.equal(restored(input_ids).logits, want)

@@ -153,29 +153,52 @@ def test_quantized_like_weight_cannot_be_merged_silently():
         model.merge_and_unload()
 
 
-def test_pickled_adapter_is_refused_unless_the_user_opts_in(tmp_path, monkeypatch, input_ids):
-    model = get_peft_model(tiny_model("llama"), AUSteerConfig(sites="attention"))
-    model.set_aus([(("attention", 1), 3, 1.0)])
-    model.save_pretrained(tmp_path, safe_serialization=False)
-    assert (tmp_path / "adapter_model.bin").exists() and not (tmp_path / "adapter_model.safetensors").exists()
-    monkeypatch.delenv("AUSTEER_ALLOW_PICKLE", raising=False)
+class _WritesAFile:
+    """A pickle payload that creates a file when unpickled, if the reader runs code from the pickle."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_pickled_adapter_that_would_run_code_is_refused_without_running_it(tmp_path, input_ids):
+    """PEFT reads adapter_model.bin with torch.load(weights_only=True), which runs no code from the pickle; AUSteer
+    names the problem, and nothing is left behind."""
+    folder, marker = tmp_path / "evil", tmp_path / "code-ran"
+    _saved_adapter(folder)
+    (folder / "adapter_model.safetensors").unlink()
+    torch.save({"austeer_table_index": _WritesAFile(marker), "austeer_table_gamma": torch.tensor([1.0])},
+               folder / "adapter_model.bin")
     base = tiny_model("llama")
-    with pytest.raises(ValueError, match="adapter_model.bin is a pickle .* AUSTEER_ALLOW_PICKLE=1"):
-        PeftModel.from_pretrained(base, tmp_path)
-    assert _unchanged(base)
-    other = get_peft_model(tiny_model("llama"), AUSteerConfig(sites="attention"))
-    with pytest.raises(ValueError, match="AUSTEER_ALLOW_PICKLE=1"):
-        other.load_adapter(tmp_path, adapter_name="pickled")
-    assert list(other.peft_config) == ["default"]  # nothing left behind: the name can be used again
-
-    monkeypatch.setenv("AUSTEER_ALLOW_PICKLE", "1")
-    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
-    assert loaded.get_aus() == model.get_aus()
-    assert torch.equal(logits(loaded, input_ids), logits(model, input_ids))
+    with pytest.raises(ValueError, match="adapter_model.bin.*holds more than tensors.*weights_only=True.*runs no code"):
+        PeftModel.from_pretrained(base, folder)
+    assert _unchanged(base) and not marker.exists()
+    model = get_peft_model(tiny_model("llama"), AUSteerConfig(sites="attention"))
+    with pytest.raises(ValueError, match="holds more than tensors"):
+        model.load_adapter(folder, adapter_name="pickled")
+    assert list(model.peft_config) == ["default"] and not marker.exists()  # nothing left behind
+    good = _saved_adapter(tmp_path / "good")
+    model.load_adapter(good, adapter_name="pickled")  # the name can be used again
+    assert model.get_aus("pickled") == PeftModel.from_pretrained(tiny_model("llama"), good).get_aus()
 
 
-def test_pickled_adapters_of_other_methods_still_load(tmp_path, monkeypatch):
-    monkeypatch.delenv("AUSTEER_ALLOW_PICKLE", raising=False)
+def test_pickled_tensor_adapter_loads_and_steers_like_safetensors(tmp_path, input_ids):
+    model = get_peft_model(tiny_model("llama"), AUSteerConfig(sites="attention"))
+    model.set_aus([(("attention", 1), 3, 1.0), (("attention", 0), 7, -0.5)])
+    model.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    model.save_pretrained(tmp_path / "safetensors")
+    assert (tmp_path / "bin" / "adapter_model.bin").exists()
+    assert not (tmp_path / "bin" / "adapter_model.safetensors").exists()
+    from_bin = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "bin")
+    from_safetensors = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "safetensors")
+    assert from_bin.get_aus() == from_safetensors.get_aus() == model.get_aus()
+    assert torch.equal(logits(from_bin, input_ids), logits(from_safetensors, input_ids))
+    assert torch.equal(logits(from_bin, input_ids), logits(model, input_ids))
+
+
+def test_pickled_adapters_of_other_methods_still_load(tmp_path):
     model = get_peft_model(tiny_model("llama"), LoraConfig(target_modules=["q_proj"], init_lora_weights=False))
     model.save_pretrained(tmp_path, safe_serialization=False)
     loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
@@ -251,3 +274,20 @@ def test_inputs_longer_than_the_context_are_cut_from_the_left_with_a_warning():
     for name in cut.n_pos:
         assert torch.equal(scores.n_pos[name], cut.n_pos[name])
         assert torch.equal(scores.n_neg[name], cut.n_neg[name])
+
+
+def test_config_from_pretrained_brings_its_table_and_explicit_configs_still_load(tmp_path, input_ids):
+    """A config read by AUSteerConfig.from_pretrained carries where it was read from (not saved): the adapter made
+    from it reads its AUs there. A config built by hand loads the table when PEFT hands it over, as before."""
+    path = _saved_adapter(tmp_path / "saved")
+    reference = PeftModel.from_pretrained(tiny_model("llama"), path)
+    config = AUSteerConfig.from_pretrained(str(path))
+    assert "_table_source" not in config.to_dict()
+    made = get_peft_model(tiny_model("llama"), config)
+    assert made.get_aus() == reference.get_aus()
+    explicit = json.loads((path / "adapter_config.json").read_text())
+    hand_made = AUSteerConfig(sites=explicit["sites"], steered_modules=explicit["steered_modules"],
+                              base_model_type=explicit["base_model_type"])
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), path, config=hand_made)
+    assert loaded.get_aus() == reference.get_aus()
+    assert torch.equal(logits(loaded, input_ids), logits(reference, input_ids))

@@ -16,7 +16,7 @@ from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
 from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from austeer_peft import AUSteerConfig, AUSteerLayer
+from austeer_peft import AUSteerConfig, AUSteerLayer, push_to_hub, save_adapter
 from austeer_peft.cli import main
 
 ADAPTER_FILES = {"README.md", "adapter_config.json", "adapter_model.safetensors"}
@@ -115,10 +115,10 @@ def logits(model, input_ids):
         return model(input_ids).logits
 
 
-def test_push_to_hub_uploads_what_save_pretrained_writes(hub, tmp_path):
+def test_push_to_hub_uploads_what_save_adapter_writes(hub, tmp_path):
     model = steered_model()
-    model.save_pretrained(tmp_path / "saved")
-    model.push_to_hub("user/name", commit_message="first AUSteer adapter")
+    save_adapter(model, tmp_path / "saved")
+    push_to_hub(model, "user/name", commit_message="first AUSteer adapter")
 
     assert [repo["repo_id"] for repo in hub.repos] == ["user/name"]
     (commit,) = hub.commits
@@ -132,7 +132,7 @@ def test_push_to_hub_uploads_what_save_pretrained_writes(hub, tmp_path):
 
 
 def test_push_to_hub_passes_repo_options(hub):
-    steered_model().push_to_hub("user/name", private=True, revision="dev", create_pr=False, tags=["sentiment"])
+    push_to_hub(steered_model(), "user/name", private=True, revision="dev", create_pr=False, tags=["sentiment"])
     assert hub.repos[0]["private"] is True
     assert hub.branches == [("user/name", "dev")]
     commit = hub.commits[0]
@@ -145,7 +145,7 @@ def test_push_pull_round_trip_through_the_cache(hub, tmp_path, input_ids):
     hub.lay_out_folder("org/tiny-llama", tmp_path / "base")
     model = steered_model(base_id="org/tiny-llama")
     steered = logits(model, input_ids)
-    model.push_to_hub("user/name")
+    push_to_hub(model, "user/name")
 
     assert json.loads(hub.commits[0]["files"]["adapter_config.json"])["base_model_name_or_path"] == "org/tiny-llama"
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("org/tiny-llama"), "user/name")
@@ -159,10 +159,10 @@ def test_push_pull_round_trip_through_the_cache(hub, tmp_path, input_ids):
 
 def test_loaded_adapter_pushes_again_with_the_austeer_card(hub, tmp_path):
     model = steered_model()
-    model.save_pretrained(tmp_path / "saved")
+    save_adapter(model, tmp_path / "saved")
     hub.lay_out_folder("user/name", tmp_path / "saved")
     loaded = PeftModel.from_pretrained(tiny_model("llama"), "user/name")
-    loaded.push_to_hub("user/copy")
+    push_to_hub(loaded, "user/copy")
     assert set(hub.commits[0]["files"]) == ADAPTER_FILES
     for name, data in hub.commits[0]["files"].items():
         if name != "README.md":  # the card may differ only in the recorded base model
@@ -188,7 +188,7 @@ def test_mismatched_base_from_the_hub_is_refused_before_any_change(hub, tmp_path
 
 
 def test_cli_push_uploads_the_saved_folder(hub, tmp_path, capsys):
-    steered_model().save_pretrained(tmp_path / "saved")
+    save_adapter(steered_model(), tmp_path / "saved")
     assert main(["push", "--adapter", str(tmp_path / "saved"), "--repo-id", "user/name", "--private"]) == 0
     assert "user/name" in capsys.readouterr().out
     (commit,) = hub.commits
@@ -199,13 +199,13 @@ def test_cli_push_uploads_the_saved_folder(hub, tmp_path, capsys):
 
 
 def test_cli_push_writes_a_card_for_a_folder_without_one(hub, tmp_path):
-    steered_model().save_pretrained(tmp_path / "saved")
+    save_adapter(steered_model(), tmp_path / "saved")
     saved_card = (tmp_path / "saved" / "README.md").read_text()
     (tmp_path / "saved" / "README.md").write_text("# my notes\n")
     assert main(["push", "--adapter", str(tmp_path / "saved"), "--repo-id", "user/name", "--tag", "demo"]) == 0
     card = ModelCard(hub.commits[0]["files"]["README.md"].decode())
     assert card.data.tags == ["austeer", "activation-steering", "peft", "demo"]
-    assert card.text.strip() == ModelCard(saved_card).text.strip()  # same body as the card save_pretrained wrote
+    assert card.text.strip() == ModelCard(saved_card).text.strip()  # same body as the card save_adapter wrote
     assert (tmp_path / "saved" / "README.md").read_text() == "# my notes\n"  # the folder is left alone
 
 
@@ -228,7 +228,7 @@ def test_cli_inspect_and_merge_take_hub_ids(hub, tmp_path, capsys, input_ids):
     hub.lay_out_folder("org/tiny-llama", tmp_path / "base")
     model = steered_model(base_id="org/tiny-llama")
     steered = logits(model, input_ids)
-    model.push_to_hub("user/name")
+    push_to_hub(model, "user/name")
 
     assert main(["inspect", "user/name"]) == 0
     out = capsys.readouterr().out

@@ -7,7 +7,6 @@ from peft import PeftConfig
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import PeftType
 
-import austeer_peft
 from austeer_peft.tuner import registry
 from austeer_peft.tuner.config import AUSteerConfig
 from austeer_peft.tuner.model import AUSteerModel
@@ -24,7 +23,7 @@ def test_peft_type_member_is_reachable_every_way():
 
 
 def test_registration_is_idempotent():
-    austeer_peft.register_austeer()
+    registry.register_austeer(AUSteerConfig, AUSteerModel)
     assert registry.add_peft_type_member() is PeftType.AUSTEER
     assert sum(1 for m in PeftType if m.value == "AUSTEER") == 1
 

@@ -189,7 +189,7 @@ def test_scope_all_adds_no_work_and_hooks_go_with_the_last_scoped_adapter():
 
     model.add_adapter("late", AUSteerConfig(sites=SITES, scope="generated"))
     model.set_aus([(("ffn", 1), 3, 2.0)], adapter_name="late")
-    assert len(stack._forward_pre_hooks) == 1 and "generate" in vars(model.get_base_model())
+    assert len(stack._forward_pre_hooks) == 1 and "generate" not in vars(model.get_base_model())  # never patched
     model.delete_adapter("late")
     assert not stack._forward_pre_hooks and "generate" not in vars(model.get_base_model())
     assert all(layer.token_positions is None for layer in model.modules() if isinstance(layer, AUSteerLayer))

@@ -1,5 +1,9 @@
-"""Sharing and deployment: upload an adapter to the Hub, merge it into a plain transformers checkpoint, or export it
-as a stock PEFT IA3 adapter.
+"""Sharing and deployment: save an adapter with its AUSteer card, upload it to the Hub, merge it into a plain
+transformers checkpoint, or export it as a stock PEFT IA3 adapter.
+
+``peft_model.save_pretrained`` writes PEFT's generic model card and transformers' ``push_to_hub`` a template card;
+neither has a per-method hook, so AUSteer's card is written by :func:`save_adapter` and :func:`push_to_hub` here,
+without changing PEFT's classes or models.
 
 An AUSteer factor ``1 + γ`` on one dimension of a linear layer's input or output is exactly what IA3 learns (a
 vector that multiplies a linear layer's input, for its "feedforward" modules, or its output, for the others), with
@@ -18,25 +22,29 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .cards import (
-    ADAPTER_CONFIG_NAME,
-    ADAPTER_WEIGHTS_NAME,
-    CARD_NAME,
-    HUB_REPO_ID,
-    adapter_card_from_folder,
-    load_austeer_card,
-    save_adapter_card,
-)
 from ..tuner.config import AUSteerConfig
 from ..tuner.layer import AUSteerLayer
-from ..tuner.model import AUSteerModel
 from ..tuner.sites import base_named_modules, is_linear_like, linear_features, merge_slices, unwrap
+from .cards import HUB_REPO_ID, adapter_card_from_folder, save_adapter_card
+from .facts import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, CARD_NAME, austeer_tuner, load_austeer_card
 
 PathLike = Union[str, os.PathLike]
 IA3_TAGS = ["ia3", "austeer", "activation-steering", "peft"]
 
 
-# ---------------------------------------------------------------------------------------------------- Hub
+# ---------------------------------------------------------------------------------------------------- save and Hub
+
+
+def save_adapter(peft_model, save_directory: PathLike, *, tags: Optional[list[str]] = None,
+                 **save_pretrained_kwargs) -> Path:
+    """Save a PeftModel's AUSteer adapters with ``peft_model.save_pretrained(save_directory, ...)`` and write the
+    AUSteer model card as ``README.md`` in place of PEFT's generic one (only where ``is_main_process``, as
+    ``save_pretrained`` does). Returns the folder."""
+    austeer_tuner(peft_model)
+    peft_model.save_pretrained(save_directory, **save_pretrained_kwargs)
+    if save_pretrained_kwargs.get("is_main_process", True):
+        save_adapter_card(peft_model, save_directory, tags=tags)
+    return Path(save_directory)
 
 
 def push_to_hub(model_or_folder, repo_id: str, *, commit_message: Optional[str] = None,
@@ -45,7 +53,7 @@ def push_to_hub(model_or_folder, repo_id: str, *, commit_message: Optional[str] 
                 tags: Optional[list[str]] = None):
     """Upload an AUSteer adapter (a PeftModel, or a folder it was saved to) to the Hub repository ``repo_id``.
 
-    A model is saved with ``save_pretrained`` into a temporary folder; a folder is uploaded as it is, with its card
+    A model is saved with :func:`save_adapter` into a temporary folder; a folder is uploaded as it is, with its card
     (written when it is missing or not an AUSteer card). Either way one commit adds ``adapter_config.json``,
     ``adapter_model.safetensors``, ``README.md`` and the subfolders of further adapters. The repository is created
     if needed. Returns the ``huggingface_hub.CommitInfo``.
@@ -60,10 +68,7 @@ def push_to_hub(model_or_folder, repo_id: str, *, commit_message: Optional[str] 
         if isinstance(model_or_folder, (str, os.PathLike)):
             files = _adapter_folder_files(Path(model_or_folder), Path(tmp), tags)
         else:
-            _austeer_tuner(model_or_folder)
-            model_or_folder.save_pretrained(tmp)
-            if tags or load_austeer_card(Path(tmp) / CARD_NAME) is None:  # a PeftModel without the card methods
-                save_adapter_card(model_or_folder, tmp, tags=tags)
+            save_adapter(model_or_folder, tmp, tags=tags)
             files = {path.relative_to(tmp).as_posix(): path for path in sorted(Path(tmp).rglob("*")) if path.is_file()}
         if revision is not None and not revision.startswith("refs/pr"):
             api.create_branch(repo_id=repo_id, branch=revision, token=token, exist_ok=True)
@@ -129,7 +134,7 @@ def merge_and_save(model: str, adapter: PathLike, output_dir: PathLike, *, dtype
 def save_merged(peft_model, output_dir: PathLike, *, tokenizer=None, safe_merge: bool = True) -> Path:
     """Fold a PeftModel's AUSteer adapter into its base model (in place, as ``merge_and_unload`` does) and save the
     plain model, and the tokenizer if given, with ``save_pretrained``."""
-    _austeer_tuner(peft_model)
+    austeer_tuner(peft_model)
     merged = peft_model.merge_and_unload(safe_merge=safe_merge)
     drop_gguf_quantizer(merged)
     output_dir = Path(output_dir)
@@ -178,7 +183,7 @@ def to_ia3(peft_model, output_dir: PathLike, adapter_name: Optional[str] = None)
     from peft import IA3Config
     from safetensors.torch import save_file
 
-    tuner = _austeer_tuner(peft_model)
+    tuner = austeer_tuner(peft_model)
     adapter_name = adapter_name or peft_model.active_adapters[0]
     if adapter_name not in peft_model.peft_config:
         raise ValueError(f"No adapter named {adapter_name!r}; adapters: {sorted(peft_model.peft_config)}.")
@@ -286,11 +291,3 @@ def _ia3_targets(layer: AUSteerLayer) -> tuple[list[nn.Module], str]:
             "parameter), not from Linear layers that IA3 can wrap. Keep this adapter in AUSteer form."
         )
     return [s.owner for s in slices], "output"
-
-
-def _austeer_tuner(peft_model) -> AUSteerModel:
-    tuner = getattr(peft_model, "base_model", None)
-    if not isinstance(tuner, AUSteerModel):
-        raise TypeError(f"Expected a PeftModel holding AUSteer adapters, got {type(peft_model).__name__}.")
-    return tuner
-

@@ -1,10 +1,14 @@
-"""AUSteerConfig: which activations may be steered, and how strongly the fit should steer them."""
+"""AUSteerConfig: which activations may be steered, and how strongly the fit should steer them.
+
+Separate from the tuner, as in every PEFT method: configs are read and written (``adapter_config.json``) without a
+model.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from peft.config import PeftConfig
 
@@ -36,12 +40,17 @@ class AUSteerConfig(PeftConfig):
             generated. ``"generated"``: inside ``generate``, the generated tokens plus the last prompt position (the
             one that predicts the first new token); in a plain forward, a call that starts a sequence (no or an empty
             KV cache) steers only the last real token of each row, and a call that continues a KV cache steers all
-            its tokens. ``"from_position"``: every token whose position among its row's real tokens (left padding
+            its tokens. ``generate`` tells the layers where the prompt ends through PEFT's per-call context
+            (``PeftModel.generate`` enters ``AUSteerModel._enable_peft_forward_hooks``), so call it on the
+            PeftModel. ``"from_position"``: every token whose position among its row's real tokens (left padding
             not counted, the first token is 0) is at least ``scope_position``. Only ``"all"`` can be merged.
         scope_position: the first steered position for ``scope="from_position"``.
         steered_modules: filled by the package: each module that carries AUs, mapped to its number of candidate
             AUs (its width). The adapter file indexes into this list; loading checks it against the base model.
         base_model_type: filled by the package: ``config.model_type`` of the model the AUs were chosen on.
+
+    A config read with :meth:`from_pretrained` remembers where it was read from (not saved), and the adapter created
+    from it reads its AUs from the weights file saved there; see ``AUSteerModel.inject_adapter``.
     """
 
     sites: Optional[Union[str, list[str]]] = field(default=None, metadata={"help": "attention | ffn | ffn_inner | residual"})
@@ -91,3 +100,15 @@ class AUSteerConfig(PeftConfig):
         elif self.scope_position is not None:
             raise ValueError(f"`scope_position` is only used with scope='from_position', but scope={self.scope!r}; "
                              "drop it or set scope='from_position'.")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
+        """Read ``adapter_config.json`` (as ``PeftConfig.from_pretrained``) and remember where from, so that the
+        adapter created from this config reads its AU table from the same place while PEFT can still undo it."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        hub_kwargs, _, _ = cls._split_kwargs(kwargs)
+        if subfolder is not None:
+            hub_kwargs["subfolder"] = subfolder
+        # A plain attribute, not a dataclass field: it is not written to adapter_config.json.
+        config._table_source = (str(pretrained_model_name_or_path), hub_kwargs)
+        return config

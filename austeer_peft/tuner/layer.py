@@ -1,4 +1,8 @@
-"""AUSteerLayer: multiplies a few dimensions of a module's input or output by fixed factors ``1 + γ``."""
+"""AUSteerLayer: multiplies a few dimensions of a module's input or output by fixed factors ``1 + γ``.
+
+The one module PEFT puts into the model; it applies, merges and unmerges a sparse scale and knows nothing about
+fitting, adapter files or where a call's tokens sit (it asks ``scope.TokenPositions`` for a mask).
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,11 @@ import torch
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
+
 from .bnb import quantization_kind, refuse_8bit, scaled_4bit_weight
 from .precision import check_fp16_overflow
 from .experts import fused_experts_axis, put_columns_, steered_forward, take_columns
+from .scope import TokenPositions
 from .sites import SiteModule, WeightSlice, merge_slices
 
 
@@ -215,61 +221,6 @@ class AUSteerLayer(nn.Module, BaseTunerLayer):
     def __repr__(self) -> str:
         n = {a: len(i) for a, i in self.austeer_index.items()}
         return f"austeer.AUSteerLayer({self.position}, aus={n})(\n  {self.base_layer!r}\n)"
-
-
-class TokenPositions:
-    """Where the tokens of the current forward sit, for adapters that steer only some positions (``scope`` other than
-    ``"all"``). AUSteerModel fills it from a pre-forward hook on the decoder stack, installed only while such an
-    adapter exists, so ``scope="all"`` costs nothing. Positions come from the 2D attention mask (each row's own left
-    padding, past tokens of the KV cache included) or, without one, from the KV cache length."""
-
-    def __init__(self) -> None:
-        self.scopes: dict[str, tuple[str, Optional[int]]] = {}  # adapter -> (scope, scope_position), not "all"
-        self.prompt_width: Optional[int] = None  # columns of the prompt while `generate` runs
-        self._shape: Optional[tuple[int, int]] = None
-        self._masks: dict[tuple[str, Optional[int]], torch.Tensor] = {}
-
-    def read_forward(self, inputs: torch.Tensor, attention_mask: Optional[torch.Tensor], past_key_values: Any) -> None:
-        """Record the positions of the `inputs` ([batch, tokens, ...]) of the forward that is starting."""
-        batch, tokens = inputs.shape[:2]
-        steps = torch.arange(tokens, device=inputs.device)
-        if attention_mask is not None and attention_mask.ndim == 2:
-            self._past = attention_mask.shape[1] - tokens
-            real = attention_mask[:, self._past:].bool()
-            # Index among the row's real tokens (left padding not counted); padding itself gets -1.
-            self._positions = (attention_mask.long().cumsum(-1)[:, self._past:] - 1).masked_fill(~real, -1)
-            last = (real.long() * (steps + 1)).argmax(-1)  # each row's last real token
-        else:
-            self._past = past_key_values.get_seq_length() if past_key_values is not None else 0
-            self._positions = (self._past + steps).expand(batch, tokens)
-            last = torch.full((batch,), tokens - 1, device=inputs.device)
-        self._columns = self._past + steps
-        self._last = steps == last[:, None]
-        self._shape = (batch, tokens)
-        self._masks = {}
-
-    def mask(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
-        """Boolean mask over the token positions of `x` ([batch, tokens, width]): True where `adapter` steers."""
-        if self._shape is None or x[..., 0].numel() != self._shape[0] * self._shape[1]:
-            raise RuntimeError(
-                f"AUSteer adapter {adapter!r} steers only some token positions (scope={self.scopes[adapter][0]!r}), "
-                f"but the positions of this activation (shape {tuple(x.shape)}) are unknown: they are read when the "
-                f"model's decoder stack runs (last forward: batch x tokens = {self._shape}). Call the model, not one "
-                "of its submodules."
-            )
-        key = self.scopes[adapter]
-        if key not in self._masks:
-            scope, first = key
-            if scope == "from_position":
-                keep = self._positions >= first
-            elif self.prompt_width is not None:  # inside generate: the last prompt column onwards
-                keep = (self._columns >= self.prompt_width - 1).expand(self._shape)
-            elif self._past == 0:  # a forward that starts a sequence: the token that predicts the next one
-                keep = self._last
-            else:  # a forward that continues a KV cache: all its tokens are generated
-                keep = torch.ones(self._shape, dtype=torch.bool, device=self._columns.device)
-            self._masks[key] = keep
-        return self._masks[key].reshape(x.shape[:-1]).to(x.device)
 
 
 def _scaled(values: torch.Tensor, axis: int, factor: torch.Tensor) -> torch.Tensor:

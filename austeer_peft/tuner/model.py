@@ -1,36 +1,33 @@
-"""AUSteerModel: the PEFT tuner. Puts AUSteerLayers exactly on the modules that carry AUs, and stores all AUs of an
-adapter as one compact table in ``adapter_model.safetensors``."""
+"""AUSteerModel: the PEFT tuner. Puts AUSteerLayers exactly on the modules that carry AUs, reads and writes an
+adapter's AUs as one table (``table.py``), and tells scoped adapters where each call's tokens sit (``scope.py``).
+
+The tuner is what PEFT calls; the pieces it delegates to (the file codec, token positions, offloaded weights,
+combining adapters) live in their own modules so that each can be read, and changed, alone.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
-import inspect
-import json
 import math
-import os
 import warnings
 from collections.abc import Iterable
-from functools import partial
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from tqdm import tqdm
 
-from .config import AUSteerConfig
-from .layer import AUSteerLayer, TokenPositions
 from .aus import AU, AULike, group_aus
-from .sites import SiteModule, base_named_modules, candidate_modules, find_decoder_layers, merge_slices
+from .combine import COMBINATION_TYPES, combine_aus, combined_config
+from .config import AUSteerConfig
+from .layer import AUSteerLayer
+from .offload import execution_device, offloaded_owners, onloaded_weights
+from .scope import TokenPositions, input_width, position_reading_hook
+from .sites import SiteModule, base_named_modules, candidate_modules, find_decoder_layers
+from .table import TABLE_KEYS, layers_to_table, read_table, same_table, table_to_aus
 
-# The adapter file: one row per AU. `index[:, 0]` is the position of the AU's module in
-# `sorted(config.steered_modules)` (JSON sorts keys, so sorted order is the one that survives a round trip),
-# `index[:, 1]` its dimension; `gamma` its γ. (Keys have no "." so that PEFT's adapter-name
-# handling leaves them alone.)
-TABLE_INDEX_KEY = "austeer_table_index"  # int32 [n, 2]
-TABLE_GAMMA_KEY = "austeer_table_gamma"  # float32 [n]
+__all__ = ["AUSteerModel", "check_adapter_matches_model", "execution_device"]
 
 
 class AUSteerModel(BaseTuner):
@@ -58,12 +55,29 @@ class AUSteerModel(BaseTuner):
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
                        low_cpu_mem_usage: bool = False, state_dict: Optional[dict] = None) -> None:
-        """Register an adapter: check its sites against the model, wrap nothing until AUs are set."""
+        """Register an adapter: check its sites against the model, wrap nothing until AUs are set.
+
+        For a config read by ``AUSteerConfig.from_pretrained`` (as ``PeftModel.from_pretrained`` and
+        ``load_adapter`` do), the adapter's table is read from the same place and its AUs set here, not later when
+        PEFT loads the weights: PEFT's ``add_adapter`` removes the adapter again if this raises, so a missing,
+        corrupt or refused weights file, or a table that does not fit the model, leaves no adapter behind.
+        """
         config = self.peft_config[adapter_name]
         self._check_new_adapter_config(config)
-        check_adapter_matches_model(model, config, candidate_modules(model, config))
+        candidates = candidate_modules(model, config)
+        check_adapter_matches_model(model, config, candidates)
+        source = config.__dict__.pop("_table_source", None)  # read once, for the first adapter made from the config
+        table = aus = None
+        if source is not None:
+            table = read_table(source[0], **source[1])
+            aus = table_to_aus(table, config)
+            group_aus(aus, candidates)  # every check of set_aus, before anything changes
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
         self._mark_only_adapters_as_trainable(model)
+        if table is not None:
+            self.set_aus(aus, adapter_name=adapter_name)
+            self.__dict__.setdefault("_tables_loaded", set()).add(adapter_name)
+            self.__dict__.setdefault("_tables_read_early", {})[adapter_name] = table
 
     def _create_and_replace(self, peft_config: AUSteerConfig, adapter_name: str, target: nn.Module,
                             target_name: str, parent: nn.Module, current_key: str, **kwargs) -> None:
@@ -180,6 +194,7 @@ class AUSteerModel(BaseTuner):
             if not layer.austeer_index:
                 self._unwrap(layer)
         self.__dict__.get("_tables_loaded", set()).discard(adapter_name)
+        self.__dict__.get("_tables_read_early", {}).pop(adapter_name, None)
         if was_active:
             if not active and self.peft_config:
                 active = [next(iter(self.peft_config))]
@@ -202,7 +217,7 @@ class AUSteerModel(BaseTuner):
         The adapters must share the base model type, the scope, and either all use ``sites`` or all use the same kind
         of ``target_modules`` and ``position``.
         """
-        if combination_type not in ("multiply", "union"):
+        if combination_type not in COMBINATION_TYPES:
             raise ValueError(f"combination_type must be 'multiply' or 'union', got {combination_type!r}.")
         if isinstance(adapters, str) or not adapters or len(set(adapters)) != len(adapters):
             raise ValueError(f"`adapters` must be a non-empty list of distinct adapter names, got {adapters!r}.")
@@ -214,32 +229,8 @@ class AUSteerModel(BaseTuner):
         if isinstance(weights, (str, bytes)) or len(weights) != len(adapters) or not all(
                 isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
             raise ValueError(f"`weights` must be {len(adapters)} finite numbers, one per adapter; got {weights!r}.")
-        config = _combined_config([self.peft_config[a] for a in adapters], adapters)
-
-        entries: dict[tuple[str, int], list[tuple[str, float, float]]] = {}
-        for adapter, weight in zip(adapters, weights):
-            for au in self.get_aus(adapter):
-                entries.setdefault((au.module, au.dim), []).append((adapter, au.gamma, float(weight)))
-        aus = []
-        for (module, dim), steers in entries.items():
-            if combination_type == "union":
-                _, gamma, weight = max(steers, key=lambda steer: abs(steer[2] * steer[1]))  # first of equals wins
-                aus.append(AU(module, dim, weight * gamma))
-                continue
-            factor = 1.0
-            for adapter, gamma, weight in steers:
-                if (1 + gamma <= 0 and weight != int(weight)) or (1 + gamma == 0 and weight < 0):
-                    raise ValueError(
-                        f"AU {module}[{dim}] of adapter {adapter!r} has factor 1 + γ = {1 + gamma:g}, which cannot be "
-                        f"raised to the weight {weight:g} (a factor <= 0 takes integer weights only, 0 no negative "
-                        "ones). Use integer weights for this adapter, or combination_type='union'."
-                    )
-                factor *= (1 + gamma) ** weight
-            if not math.isfinite(factor):
-                raise ValueError(f"Combining AU {module}[{dim}] gives the non-finite factor {factor}; use smaller "
-                                 "weights.")
-            aus.append(AU(module, dim, factor - 1))
-
+        config = combined_config([self.peft_config[a] for a in adapters], adapters)
+        aus = combine_aus({a: self.get_aus(a) for a in adapters}, dict(zip(adapters, weights)), combination_type)
         config.k = max(len(aus), 1)
         self.peft_config[adapter_name] = config
         self.inject_adapter(self.model, adapter_name)
@@ -257,7 +248,7 @@ class AUSteerModel(BaseTuner):
         for layer in self._layers().values():
             if any(a in layer.austeer_index for a in adapter_names):
                 layer.check_mergeable()  # raises with the reason
-                _offloaded_owners(layer)  # raises if a weight is offloaded where it cannot be loaded
+                offloaded_owners(layer)  # raises if a weight is offloaded where it cannot be loaded
 
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         self._check_merge_allowed()
@@ -292,8 +283,7 @@ class AUSteerModel(BaseTuner):
 
     def _sync_token_positions(self) -> None:
         """While some adapter steers only some token positions, read the positions of every forward (a pre-forward
-        hook on the decoder stack) and the prompt width of ``generate``; otherwise remove both, so that
-        ``scope="all"`` costs nothing."""
+        hook on the decoder stack); otherwise remove it, so that ``scope="all"`` costs nothing."""
         scopes = {name: (config.scope, config.scope_position) for name, config in self.peft_config.items()
                   if getattr(config, "scope", "all") != "all"}
         if not scopes:
@@ -301,10 +291,8 @@ class AUSteerModel(BaseTuner):
         elif self._token_positions is None:
             positions = TokenPositions()
             stack = self._decoder_stack()
-            hook = partial(_read_token_positions, positions, inspect.signature(stack.forward))
+            hook = position_reading_hook(positions, stack)
             self._token_positions_hook = stack.register_forward_pre_hook(hook, with_kwargs=True)
-            if hasattr(type(self.model), "generate"):
-                self.model.generate = partial(_generate_with_prompt_width, self.model, positions)
             self._token_positions = positions
         if self._token_positions is not None:
             self._token_positions.scopes = scopes
@@ -315,10 +303,25 @@ class AUSteerModel(BaseTuner):
         if self._token_positions is None:
             return
         self._token_positions_hook.remove()
-        self.model.__dict__.pop("generate", None)  # back to the class's generate
         self._token_positions = self._token_positions_hook = None
         for layer in self._layers().values():
             layer.token_positions = None
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+        """One call of ``PeftModel.forward`` or ``PeftModel.generate`` (PEFT enters this once per call, with the
+        call's arguments). While an adapter has a token scope, the width of the call's input is recorded as the
+        prompt width: the first forward of the call follows the plain-forward rule, and the later ones (the further
+        steps of ``generate``) know where the prompt ended, with or without a KV cache."""
+        positions = self._token_positions
+        if positions is None or positions.in_call:  # no scoped adapter, or a call inside a call: nothing to record
+            yield
+            return
+        positions.start_call(input_width(args, kwargs))
+        try:
+            yield
+        finally:
+            positions.end_call()
 
     def _decoder_stack(self) -> nn.Module:
         """The module that runs the decoder layers (e.g. ``model.model``): every forward passes through it."""
@@ -335,23 +338,22 @@ class AUSteerModel(BaseTuner):
                                 state_dict: dict, unwanted_adapter_names: list[str]) -> dict[str, torch.Tensor]:
         """All AUs of the adapter as one table (module id, dim, γ): ~12 bytes per AU plus one small header."""
         layers = {m.candidate.name: m for m in model.modules() if isinstance(m, AUSteerLayer)}
-        index_rows, gammas = [], []
-        for module_id, name in enumerate(sorted(config.steered_modules)):
-            layer = layers[name]
-            dims = layer.austeer_index[adapter_name].cpu()
-            index_rows.append(torch.stack([torch.full_like(dims, module_id), dims], dim=1))
-            gammas.append(layer.austeer_gamma[adapter_name].cpu())
-        index = torch.cat(index_rows) if index_rows else torch.zeros(0, 2, dtype=torch.int64)
-        gamma = torch.cat(gammas) if gammas else torch.zeros(0)
-        return {TABLE_INDEX_KEY: index.to(torch.int32).contiguous(), TABLE_GAMMA_KEY: gamma.float().contiguous()}
+        return layers_to_table(layers, config, adapter_name)
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config: AUSteerConfig, adapter_name: str,
                                            state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Hand each layer its slice of the table (via ``set_aus``); nothing is left for ``load_state_dict``."""
+        """Hand each layer its slice of the table (via ``set_aus``); nothing is left for ``load_state_dict``.
+
+        When ``inject_adapter`` already read this table (a config from ``AUSteerConfig.from_pretrained``), only
+        check that PEFT hands over the same table."""
         tuner = getattr(model, "base_model", None)
         if not isinstance(tuner, AUSteerModel):
             raise TypeError("AUSteer adapters load through a PeftModel (PeftModel.from_pretrained / load_adapter).")
+        rest = {k: v for k, v in state_dict.items() if k not in TABLE_KEYS}
+        read_early = tuner.__dict__.get("_tables_read_early", {}).pop(adapter_name, None)
+        if read_early is not None and same_table(read_early, state_dict):
+            return rest
         # A table indexes into the adapter_config.json saved with it, so it only loads into a new, empty adapter.
         loaded = tuner.__dict__.setdefault("_tables_loaded", set())
         if adapter_name in loaded or tuner.get_aus(adapter_name):
@@ -366,221 +368,7 @@ class AUSteerModel(BaseTuner):
             tuner.delete_adapter(adapter_name)  # registered for this file by PEFT: leave no empty adapter behind
             raise
         loaded.add(adapter_name)
-        return {k: v for k, v in state_dict.items() if k not in (TABLE_INDEX_KEY, TABLE_GAMMA_KEY)}
-
-
-ALLOW_PICKLE_ENV = "AUSTEER_ALLOW_PICKLE"
-
-
-def _refuse_pickled_adapters() -> None:
-    """PEFT falls back to ``adapter_model.bin``, a pickle read with ``torch.load``, when a folder or Hub repository
-    has no ``adapter_model.safetensors``. Pickles can run code when read and AUSteer always writes safetensors, so an
-    AUSteer adapter stored as a pickle is refused unless ``AUSTEER_ALLOW_PICKLE=1``; other methods' files pass."""
-    from peft.utils import save_and_load
-
-    original = getattr(save_and_load, "torch_load", None)
-    if getattr(original, "_austeer_guard", False):
-        return
-    if not callable(original) or "torch_load" not in save_and_load.load_peft_weights.__code__.co_names:
-        raise ImportError("peft.utils.save_and_load no longer reads pickled adapters through `torch_load`, so "
-                          "austeer_peft cannot refuse pickled AUSteer adapters; install the peft version that "
-                          "pyproject.toml pins.")
-
-    def torch_load(filename, *args, **kwargs):
-        config_file = os.path.join(os.path.dirname(os.fspath(filename)), "adapter_config.json")
-        if os.environ.get(ALLOW_PICKLE_ENV) != "1" and os.path.isfile(config_file):
-            with open(config_file) as handle:
-                peft_type = json.load(handle).get("peft_type")
-            if peft_type == "AUSTEER":
-                raise ValueError(
-                    f"{filename} is a pickle and its folder has no adapter_model.safetensors. Pickles can run code "
-                    "when read, and AUSteer adapters are always saved as safetensors, so it is refused. If you trust "
-                    f"its source, set the environment variable {ALLOW_PICKLE_ENV}=1 (it is then read with "
-                    "torch.load(weights_only=True)) and save it again with save_pretrained() to get safetensors."
-                )
-        return original(filename, *args, **kwargs)
-
-    torch_load._austeer_guard = True
-    save_and_load.torch_load = torch_load
-
-
-def _roll_back_failed_loads() -> None:
-    """``PeftModel.load_adapter`` registers the adapter's config before it reads the weights; when reading fails (a
-    refused pickle, a corrupt file) an AUSteer adapter would stay behind with no AUs. Remove it again: AUSteer wraps
-    nothing before its AUs are set, so the config is all there is to undo."""
-    from peft import PeftModel
-
-    original = PeftModel.load_adapter
-    if getattr(original, "_austeer_rollback", False):
-        return
-
-    @functools.wraps(original)
-    def load_adapter(self, model_id, adapter_name, *args, **kwargs):
-        existed = adapter_name in self.peft_config
-        try:
-            return original(self, model_id, adapter_name, *args, **kwargs)
-        except Exception:
-            if not existed and isinstance(self.peft_config.get(adapter_name), AUSteerConfig):
-                self.peft_config.pop(adapter_name, None)
-            raise
-
-    load_adapter._austeer_rollback = True
-    PeftModel.load_adapter = load_adapter
-
-
-_refuse_pickled_adapters()
-_roll_back_failed_loads()
-
-
-# ---------------------------------------------------------------------------------------------------- dispatched models
-
-
-def execution_device(module: nn.Module) -> Optional[torch.device]:
-    """The device a module computes on when accelerate dispatched it (``device_map``, offload), else None (its
-    parameters' device then). Offloaded weights sit on the meta device between forwards, so only the hook knows."""
-    for submodule in module.modules():
-        device = getattr(vars(submodule).get("_hf_hook"), "execution_device", None)
-        if device is not None:
-            return torch.device(device)
-    return None
-
-
-def _offloaded_owners(layer: AUSteerLayer) -> list[nn.Module]:
-    """The modules owning the weights ``layer`` merges into whose weights accelerate offloads (meta between forwards),
-    each with its own offloading hook. Raises for an offloaded weight that no such hook loads."""
-    from accelerate.hooks import AlignDevicesHook
-
-    try:
-        slices = merge_slices(layer.base_layer, layer.candidate)
-    except ValueError:
-        return []  # nothing to fold into: merge() raises the reason itself
-    owners = []
-    for weight_slice in slices:
-        owner = weight_slice.owner
-        hook = vars(owner).get("_hf_hook")
-        if isinstance(hook, AlignDevicesHook) and hook.offload:
-            if all(owner is not other for other in owners):
-                owners.append(owner)
-        elif getattr(owner, weight_slice.name).device.type == "meta":
-            raise ValueError(
-                f"Cannot merge into {layer.candidate.name}: the weight {weight_slice.name!r} of "
-                f"{type(owner).__name__} is on the meta device and no accelerate offload hook on that module loads it. "
-                "Keep the adapter unmerged, or load the model without offloading to merge."
-            )
-    return owners
-
-
-@contextlib.contextmanager
-def onloaded_weights(layer: AUSteerLayer):
-    """Load the offloaded weights that ``layer`` merges into, and offload the changed values afterwards.
-
-    With accelerate offload (``device_map`` with ``"cpu"``/``"disk"`` entries, ``cpu_offload``) a module's weights
-    are loaded from its hook's weights map for each forward. PEFT's ``onload_layer`` writes back only the wrapped
-    module's own weights, but the ``ffn`` site folds into a child (the MLP's down projection); so the owners of the
-    folded weights are loaded here and their weights maps rebuilt from the new values (in CPU memory, as PEFT does).
-    """
-    from accelerate.utils import named_module_tensors
-
-    owners = _offloaded_owners(layer)
-    for owner in owners:
-        owner._hf_hook.pre_forward(owner)
-    try:
-        yield
-    finally:
-        for owner in owners:
-            hook = owner._hf_hook
-            hook.weights_map = {name: tensor.to("cpu") for name, tensor in named_module_tensors(
-                owner, include_buffers=hook.offload_buffers, recurse=hook.place_submodules)}
-            hook.post_forward(owner, None)
-
-
-def table_to_aus(state_dict: dict[str, torch.Tensor], config: AUSteerConfig) -> list[AU]:
-    """Decode and check the adapter table of an ``adapter_model.safetensors``."""
-    missing = [k for k in (TABLE_INDEX_KEY, TABLE_GAMMA_KEY) if k not in state_dict]
-    if missing:
-        raise ValueError(
-            f"The adapter weights have no {missing} entries, so they are not an AUSteer adapter table (keys found: "
-            f"{sorted(state_dict)[:5]}). Re-save the adapter with austeer_peft."
-        )
-    index, gamma = state_dict[TABLE_INDEX_KEY], state_dict[TABLE_GAMMA_KEY]
-    if index.ndim != 2 or index.shape[1] != 2 or gamma.ndim != 1 or len(gamma) != len(index):
-        raise ValueError(
-            f"Malformed AUSteer adapter table: index has shape {tuple(index.shape)} and gamma {tuple(gamma.shape)}; "
-            "expected [n, 2] and [n]. The file is corrupt or was not written by austeer_peft."
-        )
-    if index.dtype.is_floating_point or not gamma.dtype.is_floating_point:
-        raise ValueError(f"Malformed AUSteer adapter table: index dtype {index.dtype}, gamma dtype {gamma.dtype}.")
-    modules = sorted(config.steered_modules)
-    widths = [config.steered_modules[name] for name in modules]
-    aus = []
-    for (module_id, dim), g in zip(index.tolist(), gamma.tolist()):
-        if not 0 <= module_id < len(modules):
-            raise ValueError(
-                f"AUSteer adapter table names module #{module_id}, but adapter_config.json lists {len(modules)} "
-                "steered modules; the adapter files do not belong together."
-            )
-        if not 0 <= dim < widths[module_id]:
-            raise ValueError(
-                f"AUSteer adapter table has dimension {dim} for {modules[module_id]}, which has "
-                f"{widths[module_id]} dimensions in adapter_config.json; the adapter file is corrupt."
-            )
-        aus.append(AU(modules[module_id], dim, g))
-    return aus
-
-
-def _read_token_positions(positions: TokenPositions, signature: inspect.Signature, module: nn.Module,
-                           args: tuple, kwargs: dict) -> None:
-    arguments = signature.bind_partial(*args, **kwargs).arguments
-    inputs = arguments.get("input_ids")
-    inputs = arguments.get("inputs_embeds") if inputs is None else inputs
-    if inputs is None:
-        raise ValueError(f"{type(module).__name__} got neither input_ids nor inputs_embeds, so an AUSteer adapter "
-                         "with a token scope cannot tell the token positions. Pass input_ids or inputs_embeds.")
-    positions.read_forward(inputs, arguments.get("attention_mask"), arguments.get("past_key_values"))
-
-
-def _generate_with_prompt_width(model: nn.Module, positions: TokenPositions, *args: Any, **kwargs: Any) -> Any:
-    """``model.generate`` that tells the layers where the prompt ends (for scope="generated", also without a cache)."""
-    prompt = kwargs.get("input_ids", args[0] if args else None)
-    prompt = kwargs.get("inputs_embeds") if prompt is None else prompt
-    positions.prompt_width = None if prompt is None else prompt.shape[1]
-    try:
-        return type(model).generate(model, *args, **kwargs)
-    finally:
-        positions.prompt_width = None
-
-
-def _combined_config(configs: list[AUSteerConfig], names: list[str]) -> AUSteerConfig:
-    """The config of a combination of adapters: their sites (or target modules) together; the rest must agree."""
-    first = configs[0]
-    for name, config in zip(names[1:], configs[1:]):
-        for field in ("base_model_type", "scope", "scope_position"):
-            if getattr(config, field) != getattr(first, field):
-                raise ValueError(
-                    f"Adapters {names[0]!r} and {name!r} cannot be combined: {field} is {getattr(first, field)!r} "
-                    f"vs {getattr(config, field)!r}. Combine adapters made for the same base model and scope."
-                )
-        if _module_choice(config) != _module_choice(first):
-            raise ValueError(
-                f"Adapters {names[0]!r} and {name!r} cannot be combined: one config cannot hold both of their module "
-                f"choices (sites={first.sites!r}/{config.sites!r}, target_modules={first.target_modules!r}/"
-                f"{config.target_modules!r}, position={first.position!r}/{config.position!r})."
-            )
-    if first.target_modules is None:
-        sites = list(dict.fromkeys(site for config in configs for site in config.sites))
-        return dataclasses.replace(first, sites=sites, steered_modules={})
-    target_modules = first.target_modules if isinstance(first.target_modules, str) else list(
-        dict.fromkeys(module for config in configs for module in config.target_modules))
-    return dataclasses.replace(first, target_modules=target_modules, steered_modules={})
-
-
-def _module_choice(config: AUSteerConfig) -> tuple:
-    """Configs with equal choices can be joined: sites (union), target_modules lists (union), or one regex."""
-    if config.target_modules is None:
-        return ("sites",)
-    if isinstance(config.target_modules, str):
-        return ("regex", config.target_modules, config.position)
-    return ("names", config.position)
+        return rest
 
 
 def check_adapter_matches_model(model: nn.Module, config: AUSteerConfig, candidates: list[SiteModule]) -> None:

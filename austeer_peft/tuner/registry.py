@@ -1,11 +1,15 @@
-"""Adds ``AUSTEER`` to PEFT's closed ``PeftType`` enum, so PEFT can register and resolve the method.
+"""Registration of AUSteer with PEFT: the one change ``import austeer_peft`` makes outside the package.
 
-PEFT (0.21) only lets ``register_peft_method`` accept names that are already members of ``PeftType``, and its
-loaders (``PeftConfig.from_pretrained``, ``PeftModel.from_pretrained``, ``AutoPeftModel*``) look the type up through
-that enum. A Python ``Enum`` cannot be extended through its public API, so this module adds one member through the
-enum's documented-in-CPython internals (``_member_map_``, ``_value2member_map_``, ``_member_names_``) and then checks
-that every public way of reaching a member finds it. If a future PEFT or Python changes those internals, the check
-raises at import time instead of leaving a half-registered method behind.
+PEFT (0.21) only lets ``register_peft_method`` accept names that are already members of its closed ``PeftType``
+enum, and its loaders (``PeftConfig.from_pretrained``, ``PeftModel.from_pretrained``, ``AutoPeftModel*``) look the
+type up through that enum. A Python ``Enum`` cannot be extended through its public API, so this module adds one
+member through the enum's internals that CPython documents (``_member_map_``, ``_value2member_map_``,
+``_member_names_``) and then checks that every public way of reaching a member finds it. If a future PEFT or Python
+changes those internals, the check raises at import time instead of leaving a half-registered method behind.
+``register_peft_method`` then fills PEFT's own mapping dicts (type -> config class, tuner class, prefix).
+
+Separate from the config and the tuner, and importing neither, so that both can use the enum member while
+``austeer_peft.tuner`` (its ``__init__``) registers the two classes once both exist.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ def add_peft_type_member(name: str = AUSTEER_TYPE_NAME) -> PeftType:
         return PeftType[name]
     if not issubclass(PeftType, str):
         raise RuntimeError(
-            "peft.utils.PeftType is no longer a str Enum; austeer_peft.registry must be updated for this PEFT version."
+            "peft.utils.PeftType is no longer a str Enum; austeer_peft.tuner.registry must be updated for this PEFT "
+            "version."
         )
     member = str.__new__(PeftType, name)
     member._name_ = name
@@ -53,19 +58,16 @@ def check_peft_type_member(name: str = AUSTEER_TYPE_NAME) -> None:
     if problems:
         raise RuntimeError(
             "Could not add AUSTEER to peft.utils.PeftType (" + "; ".join(problems) + "). The enum internals of this "
-            "PEFT/Python version differ from what austeer_peft.registry expects; pin peft==0.21.* or update it."
+            "PEFT/Python version differ from what austeer_peft.tuner.registry expects; pin peft==0.21.* or update it."
         )
 
 
-def register_austeer() -> None:
-    """Register AUSteer's config and tuner with PEFT (idempotent)."""
+def register_austeer(config_cls: type, model_cls: type) -> None:
+    """Register AUSteer's config and tuner classes with PEFT under ``PeftType.AUSTEER`` (idempotent)."""
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-
-    from .config import AUSteerConfig
-    from .model import AUSteerModel
 
     peft_type = add_peft_type_member()
     if peft_type in PEFT_TYPE_TO_CONFIG_MAPPING:
         return
-    register_peft_method(name=AUSTEER_TYPE_NAME.lower(), config_cls=AUSteerConfig, model_cls=AUSteerModel,
+    register_peft_method(name=AUSTEER_TYPE_NAME.lower(), config_cls=config_cls, model_cls=model_cls,
                          prefix=AUSTEER_PREFIX)
