@@ -4,6 +4,8 @@ Importing this package registers the method with PEFT (``austeer_peft.tuner``: o
 PEFT's ``register_peft_method``) and changes nothing else outside it.
 """
 
+from importlib.metadata import version
+
 from .tuner import AUSteerConfig, AUSteerModel
 from .tuner.aus import AU
 from .tuner.layer import AUSteerLayer
@@ -24,4 +26,4 @@ __all__ = [
 __all__ += ["adapter_card", "attach_card_info", "merge_and_save", "push_to_hub", "save_adapter", "save_merged",
             "to_ia3"]
 __all__ += ["compare_methods", "sweep_k_alpha"]
-__version__ = "0.1.0"
+__version__ = version("austeer-peft")  # one source: pyproject.toml

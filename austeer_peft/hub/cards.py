@@ -13,6 +13,7 @@ import re
 import shlex
 from collections import Counter
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -249,7 +250,5 @@ def _versions() -> list[tuple[str, str]]:
     import peft
     import transformers
 
-    from .. import __version__
-
-    return [("austeer-peft", __version__), ("PEFT", peft.__version__), ("Transformers", transformers.__version__),
+    return [("austeer-peft", version("austeer-peft")), ("PEFT", peft.__version__), ("Transformers", transformers.__version__),
             ("PyTorch", torch.__version__)]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from importlib.metadata import version
 from pathlib import Path
 from typing import Optional, Union
 
@@ -60,9 +61,7 @@ def push_to_hub(model_or_folder, repo_id: str, *, commit_message: Optional[str] 
     """
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    from .. import __version__
-
-    api = HfApi(library_name="austeer-peft", library_version=__version__)
+    api = HfApi(library_name="austeer-peft", library_version=version("austeer-peft"))
     repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as tmp:
         if isinstance(model_or_folder, (str, os.PathLike)):
