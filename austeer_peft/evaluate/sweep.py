@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .runner import SplitResult, evaluate_split
 from .tasks import Task
 from ..tuner.aus import AU
-from ..fitting.scores import MomentumScores, _check_alpha
+from ..fitting.scores import MomentumScores, check_alpha
 
 DEFAULT_KS = (1, 2, 4, 8, 16, 32, 64, 100)
 DEFAULT_ALPHAS = (1, 2, 5, 10, 20, 50, 100)
@@ -89,7 +89,7 @@ def sweep_k_alpha(
     ks = sorted({k for k in ks if k <= scores.num_aus})
     if not ks:
         raise ValueError(f"No k of the grid fits the {scores.num_aus} candidate AUs; use smaller values of k.")
-    alphas = [_check_alpha(alpha) for alpha in alphas]
+    alphas = [check_alpha(alpha) for alpha in alphas]
     cells = [(k, alpha, scores.select(k, alpha)) for k in ks for alpha in alphas]
     peft_model = scores.to_adapter(ks[0], alphas[0], model, adapter_name=adapter_name)
     return _sweep(peft_model, tokenizer, task, split, cells, adapter_name, method, scoring, batch_size, vanilla,
