@@ -39,7 +39,7 @@ def worker(args) -> None:
 
     from austeer_peft import fit_austeer
     from austeer_peft.evaluate import load_task
-    from austeer_peft.fitting.fit import _pad_token_id, make_batches, shard_batches, tokenize_pairs
+    from austeer_peft.fitting.inputs import make_batches, pad_token_id, shard_batches, tokenize_pairs
     from austeer_peft.hub.models import load_model
     from austeer_peft.fitting.pairs import as_text_pairs
 
@@ -52,7 +52,7 @@ def worker(args) -> None:
     pairs = load_task("sst2", n_fit=args.pairs).pairs()
     # The padded tokens this process will run: the fit's own batches and split.
     token_pairs = tokenize_pairs(tokenizer, as_text_pairs(pairs), max_length=None)
-    batches = list(make_batches(token_pairs, args.batch_size, _pad_token_id(tokenizer), tokenizer.padding_side))
+    batches = list(make_batches(token_pairs, args.batch_size, pad_token_id(tokenizer), tokenizer.padding_side))
     batches = shard_batches(batches, rank, world_size)
     tokens = sum(b.input_ids.numel() for b in batches)
     with torch.inference_mode():

@@ -45,11 +45,11 @@ def sst2_pairs(n: int) -> list[tuple[str, str, str]]:
 
 def plain_batches(tokenizer, pairs, batch_size):
     """Exactly the padded batches the fit builds, as tokenizer-style dicts for `model(**batch)`."""
-    from austeer_peft.fitting.fit import _pad_token_id, make_batches, tokenize_pairs
+    from austeer_peft.fitting.inputs import make_batches, pad_token_id, tokenize_pairs
     from austeer_peft.fitting.pairs import as_text_pairs
 
     token_pairs = tokenize_pairs(tokenizer, as_text_pairs(pairs), max_length=None)
-    batches = make_batches(token_pairs, batch_size, _pad_token_id(tokenizer), tokenizer.padding_side)
+    batches = make_batches(token_pairs, batch_size, pad_token_id(tokenizer), tokenizer.padding_side)
     return [{"input_ids": b.input_ids, "attention_mask": b.attention_mask} for b in batches]
 
 

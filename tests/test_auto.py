@@ -63,7 +63,7 @@ def test_choice_is_the_best_cell_over_folds_and_uses_one_momentum_pass(monkeypat
     fold_counts = [count(fold) for fold in heldout]
     scores = fold_counts[0] + fold_counts[1] + count(never_heldout)
     folds = list(zip(fold_counts, heldout))
-    from austeer_peft.fitting import scores as momentum
+    from austeer_peft.fitting import counter as momentum
 
     monkeypatch.setattr(momentum.MomentumCounter, "count_batch", lambda *a, **k: pytest.fail("second pass"))
     choice, peft_model = choose_k_alpha(model, tokenizer, scores, folds, ks=[1, 4, 16], alphas=[1.0, 10.0],

@@ -17,8 +17,8 @@ from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from austeer_peft import AU, AUSteerConfig, AUSteerLayer, FitResult, MomentumScores, compute_momentum, fit_austeer
-from austeer_peft.fitting.fit import make_batches, tokenize_pairs
-from austeer_peft.fitting.scores import MomentumCounter
+from austeer_peft.fitting.counter import MomentumCounter
+from austeer_peft.fitting.inputs import make_batches, tokenize_pairs
 from austeer_peft.tuner.sites import SiteModule, base_named_modules, candidate_modules, unwrap
 
 ALL_SITES = ["attention", "ffn", "ffn_inner", "residual"]

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from austeer_peft import AUSteerConfig, AUSteerLayer
-from austeer_peft.fitting.scores import MomentumCounter
+from austeer_peft.fitting.counter import MomentumCounter
 from austeer_peft.tuner.sites import SiteModule
 
 # Derandomized and without an example database: the same examples on every run and no files left behind.

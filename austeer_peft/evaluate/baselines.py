@@ -18,11 +18,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..fitting.fit import _accepts, _base_model, _eval_mode, _input_device, _max_length, _pad_token_id, make_batches
-from ..fitting.fit import tokenize_pairs
-from ..tuner.aus import AU
-from ..fitting.scores import MomentumScores, _check_alpha, adaptive_gamma
+from ..fitting import inputs
 from ..fitting.pairs import as_text_pairs
+from ..fitting.scores import MomentumScores, adaptive_gamma, check_alpha
+from ..tuner.aus import AU
 from ..tuner.sites import find_decoder_layers
 
 CAA_MULTIPLIERS = (0.5, 1.0, 2.0, 4.0, 8.0)
@@ -31,7 +30,7 @@ CAA_LAYER_FRACTIONS = (0.25, 0.4, 0.5, 0.6, 0.75)  # depths swept, as fractions 
 
 def block_level_aus(scores: MomentumScores, modules: Sequence[str], alpha: float) -> list[AU]:
     """Every AU of ``modules`` with AUSteer's adaptive γ (``α·r_pos`` if ``r_pos > r_neg`` else ``-α·r_neg``)."""
-    alpha = _check_alpha(alpha)
+    alpha = check_alpha(alpha)
     known = {m.name for m in scores.modules}
     unknown = [name for name in modules if name not in known]
     if unknown:
@@ -63,28 +62,17 @@ class CAAVectors:
         return Path(path).stat().st_size
 
 
-def unsteered(model: nn.Module) -> contextlib.AbstractContextManager:
-    """``model`` with its adapters disabled. PEFT's ``disable_adapter`` refuses a PeftModel whose adapters wrap no
-    module (an AUSteer adapter with no AUs, e.g. when no steer shipped), which is unsteered already."""
-    from peft import PeftModel
-
-    from ..tuner.layer import AUSteerLayer
-
-    if isinstance(model, PeftModel) and any(isinstance(m, AUSteerLayer) for m in model.modules()):
-        return model.disable_adapter()
-    return contextlib.nullcontext()
-
-
 def caa_vectors(model: nn.Module, tokenizer: Any, pairs: Any, *, batch_size: int = 16,
                 max_length: Optional[int] = None, progress: bool = True) -> CAAVectors:
     """One pass over the pairs (the unsteered model, adapters disabled) reading every decoder layer's last-token
     output; the same batching and last-token rule as the AUSteer fit."""
-    base = _base_model(model)
+    base = inputs.base_model(model)
     _, layers = find_decoder_layers(base)
     text_pairs = as_text_pairs(pairs, tokenizer)
-    token_pairs = tokenize_pairs(tokenizer, text_pairs, max_length=_max_length(max_length, tokenizer, base))
-    batches = list(make_batches(token_pairs, batch_size, _pad_token_id(tokenizer),
-                                getattr(tokenizer, "padding_side", "right")))
+    token_pairs = inputs.tokenize_pairs(tokenizer, text_pairs,
+                                        max_length=inputs.resolve_max_length(max_length, tokenizer, base))
+    batches = list(inputs.make_batches(token_pairs, batch_size, inputs.pad_token_id(tokenizer),
+                                       getattr(tokenizer, "padding_side", "right")))
     sums: list[Optional[torch.Tensor]] = [None] * len(layers)
     current: dict[str, torch.Tensor] = {}
 
@@ -98,28 +86,25 @@ def caa_vectors(model: nn.Module, tokenizer: Any, pairs: Any, *, batch_size: int
             sums[index] = difference if sums[index] is None else sums[index] + difference
         return hook
 
-    device = _input_device(base)
-    accepts_position_ids = _accepts(base, "position_ids")
+    device = inputs.input_device(base)
+    accepts_position_ids = inputs.accepts(base, "position_ids")
     with contextlib.ExitStack() as stack:
-        stack.enter_context(unsteered(model))
-        stack.enter_context(_eval_mode(base))
+        stack.enter_context(inputs.unsteered(model))
+        stack.enter_context(inputs.eval_mode(base))
         stack.enter_context(torch.inference_mode())
         handles = [layer.register_forward_hook(reader(i)) for i, layer in enumerate(layers)]
         stack.callback(lambda: [handle.remove() for handle in handles])
         for batch in tqdm(batches, desc="CAA vectors", unit="batch", disable=not progress):
             current["last_token"] = batch.last_token
-            inputs = {"input_ids": batch.input_ids.to(device), "attention_mask": batch.attention_mask.to(device),
-                      "use_cache": False}
-            if accepts_position_ids:
-                inputs["position_ids"] = batch.position_ids.to(device)
-            getattr(base, "base_model", base)(**inputs)  # the backbone: no LM head needed
+            batch_inputs = batch.model_inputs(device, position_ids=accepts_position_ids)
+            getattr(base, "base_model", base)(**batch_inputs)  # the backbone: no LM head needed
     return CAAVectors(torch.stack(sums) / len(token_pairs), len(token_pairs))
 
 
 @contextlib.contextmanager
 def caa_steering(model: nn.Module, layer: int, vector: torch.Tensor, multiplier: float) -> Iterator[None]:
     """Add ``multiplier * vector`` to the output of decoder layer ``layer`` at every position, inside the block."""
-    _, layers = find_decoder_layers(_base_model(model))
+    _, layers = find_decoder_layers(inputs.base_model(model))
     if not 0 <= layer < len(layers):
         raise ValueError(f"CAA layer {layer} is out of range; the model has {len(layers)} decoder layers.")
 

@@ -29,12 +29,13 @@ from typing import Any, Optional, Union
 from torch import nn
 from tqdm.auto import tqdm
 
-from .baselines import CAA_MULTIPLIERS, block_level_aus, caa_layers, caa_steering, caa_vectors, unsteered
+from .baselines import CAA_MULTIPLIERS, block_level_aus, caa_layers, caa_steering, caa_vectors
 from .runner import SplitResult, evaluate_split
 from .scoring import bootstrap_ci, paired_test
 from ..fitting.selection import NO_STEER_NOTE, Selection, paired_gain_ci
 from .tasks import Task
 from ..fitting.fit import compute_momentum
+from ..fitting.inputs import unsteered
 from .sweep import DEFAULT_ALPHAS, DEFAULT_KS, SweepCell, SweepResult, scores_for_sites, select_cell, sweep_aus
 from .sweep import sweep_k_alpha, write_sweep_csv
 

@@ -10,8 +10,8 @@ Scoring methods (see :mod:`austeer_peft.evaluate.scoring` for the pure functions
 * ``"loglik"`` -- choice tasks: summed log-probability of each option's whole continuation (one sequence per option).
 * ``"number"`` -- generation tasks: greedy decoding of ``max_new_tokens``, then exact match of the last number.
 
-Batches are sorted by length and left-padded, with position ids counted from each row's first real token, so a
-row's result does not depend on what it is batched with.
+Batches are sorted by length and left-padded (:func:`austeer_peft.fitting.inputs.pad`), with position ids counted
+from each row's first real token, so a row's result does not depend on what it is batched with.
 """
 
 from __future__ import annotations
@@ -25,11 +25,10 @@ from datasets import Dataset
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..fitting.fit import _accepts, _base_model, _input_device
-from ..fitting.fit import _pad_token_id as _pad_id
+from ..fitting.inputs import base_model, common_prefix_length, input_device, pad, pad_token_id
+from ..fitting.logprobs import continuation_logprobs, forward_logits
 from .scoring import (
     choice_token_ids,
-    continuation_logprobs,
     generation_correct,
     greedy_choice_predictions,
     loglik_choice_predictions,
@@ -130,21 +129,6 @@ def _score_first_token(model, tokenizer, task, data, scoring, batch_size, progre
     return SplitResult(scoring, results[scoring], {other: results[other]}, forwards, predicted[scoring])
 
 
-def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor], keep: Optional[int] = None) -> torch.Tensor:
-    """Float32 CPU logits of the last ``keep`` positions (all when None) of a padded batch (``input_ids``,
-    ``attention_mask``, ``position_ids``); the LM head runs on those positions only where the model allows it."""
-    base = _base_model(model)
-    inputs = dict(batch)
-    if not _accepts(base, "position_ids"):
-        inputs.pop("position_ids")
-    device = _input_device(base)
-    inputs = {name: value.to(device) for name, value in inputs.items()}
-    if keep is not None and _accepts(base, "logits_to_keep"):
-        inputs["logits_to_keep"] = keep
-    logits = model(**inputs, use_cache=False).logits
-    return (logits if keep is None else logits[:, -keep:]).float().cpu()
-
-
 def _next_token_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits [batch, vocab] at the last position of left-padded inputs."""
     return forward_logits(model, batch, keep=1)[:, -1]
@@ -159,7 +143,7 @@ def _score_loglik(model, tokenizer, data, batch_size, progress) -> SplitResult:
         prompt_ids = _encode(tokenizer, row["prompt"])
         for option in row["choices"]:
             full = _encode(tokenizer, row["prompt"] + option)
-            shared = _common_prefix(prompt_ids, full)
+            shared = common_prefix_length(prompt_ids, full)
             if shared == 0 or shared == len(full):
                 raise ValueError(f"Example {example}: option {option!r} cannot be scored after its prompt (it adds no "
                                  "token, or the prompt tokenizes to nothing).")
@@ -171,7 +155,7 @@ def _score_loglik(model, tokenizer, data, batch_size, progress) -> SplitResult:
     order = sorted(range(len(sequences)), key=lambda j: -len(sequences[j]))
     for start in tqdm(range(0, len(order), batch_size), desc="scoring", unit="batch", disable=not progress):
         chunk = order[start:start + batch_size]
-        batch = _pad_left([sequences[j] for j in chunk], _pad_id(tokenizer))
+        batch = pad([sequences[j] for j in chunk], pad_token_id(tokenizer), "left")
         width = batch["input_ids"].shape[1]
         mask = torch.zeros_like(batch["input_ids"])
         for row, j in enumerate(chunk):
@@ -195,8 +179,8 @@ def _score_generation(model, tokenizer, data, batch_size, max_new_tokens, progre
     prompts, answers = list(data["prompt"]), list(data["answer"])
     texts = [""] * len(prompts)
     forwards = 0
-    pad_id = _pad_id(tokenizer)
-    device = _input_device(_base_model(model))
+    pad_id = pad_token_id(tokenizer)
+    device = input_device(base_model(model))
     for rows, batch in tqdm(list(_left_padded_batches(tokenizer, prompts, batch_size)), desc="generating",
                             unit="batch", disable=not progress):
         width = batch["input_ids"].shape[1]
@@ -217,31 +201,11 @@ def _left_padded_batches(tokenizer, prompts: Sequence[str], batch_size: int):
     """(row indices, batch) pairs over prompts sorted by length, longest first."""
     encoded = [_encode(tokenizer, prompt, special_tokens=True) for prompt in prompts]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        yield rows, _pad_left([encoded[i] for i in rows], pad_id)
-
-
-def _pad_left(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        input_ids[row, width - len(sequence):] = torch.tensor(sequence)
-        attention_mask[row, width - len(sequence):] = 1
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        yield rows, pad([encoded[i] for i in rows], pad_id, "left")
 
 
 def _encode(tokenizer, text: str, special_tokens: bool = True) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special_tokens)["input_ids"])
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    shared = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        shared += 1
-    return shared

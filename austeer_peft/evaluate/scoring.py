@@ -7,7 +7,8 @@ Three ways to score a choice task, from strictest to most lenient:
   *whole* vocabulary must be the first token of the correct choice. A model that answers something else is wrong.
 * :func:`restricted_choice_correct` -- argmax among the choices' first-token logits only ("first-token score").
 * :func:`loglik_choice_correct` -- the option with the highest summed log-probability of its whole continuation
-  (see :func:`continuation_logprobs`).
+  (see :func:`continuation_logprobs`; it lives in :mod:`austeer_peft.fitting.logprobs`, as a fit's automatic
+  (k, α) scores with it too, and is exported here).
 
 Per-example results are lists of ``bool`` so that :func:`bootstrap_ci` and :func:`paired_test` can use them directly.
 """
@@ -21,6 +22,8 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import torch
+
+from ..fitting.logprobs import continuation_logprobs
 
 ChoiceIds = Union[Sequence[int], torch.Tensor]
 Labels = Union[Sequence[int], torch.Tensor]
@@ -102,30 +105,6 @@ def restricted_choice_correct(logits: torch.Tensor, choice_ids: ChoiceIds, label
 
 
 # ---------------------------------------------------------------------------- multiple choice: log-likelihood
-
-
-def continuation_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, continuation_mask: torch.Tensor
-                          ) -> torch.Tensor:
-    """Summed log-probability of the continuation tokens of each sequence, shape [batch].
-
-    Args:
-        logits: causal LM logits, [batch, seq, vocab]; ``logits[:, t]`` predicts ``input_ids[:, t + 1]``.
-        input_ids: [batch, seq], prompt followed by the option's tokens (padding anywhere outside the mask).
-        continuation_mask: [batch, seq], 1 on the option's tokens. Position 0 cannot be scored (nothing predicts
-            it), so it must be 0.
-    """
-    logits = torch.as_tensor(logits)
-    input_ids = torch.as_tensor(input_ids, dtype=torch.long)
-    mask = torch.as_tensor(continuation_mask).bool()
-    if logits.dim() != 3 or input_ids.shape != logits.shape[:2] or mask.shape != input_ids.shape:
-        raise ValueError(f"Shapes must be logits [B, T, V], input_ids [B, T], mask [B, T]; got "
-                         f"{tuple(logits.shape)}, {tuple(input_ids.shape)}, {tuple(mask.shape)}.")
-    if mask[:, 0].any():
-        raise ValueError("continuation_mask is set at position 0, which no logit predicts; prepend the prompt.")
-    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    targets = input_ids[:, 1:].unsqueeze(-1)
-    token_log_probs = log_probs.gather(-1, targets).squeeze(-1)
-    return (token_log_probs * mask[:, 1:]).sum(dim=-1)
 
 
 def loglik_choice_predictions(option_logprobs: Union[torch.Tensor, Sequence[Sequence[float]]]) -> list[int]:

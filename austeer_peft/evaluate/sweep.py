@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from .runner import SplitResult, evaluate_split
 from .tasks import Task
 from ..tuner.aus import AU
-from ..fitting.scores import MomentumScores, _check_alpha
+from ..fitting.inputs import unsteered
+from ..fitting.scores import MomentumScores, check_alpha
 from ..fitting.selection import Candidate, Selection, guarded_choice
 
 DEFAULT_KS = (1, 4, 16, 64, 100)
@@ -117,7 +118,7 @@ def sweep_k_alpha(
     ks = sorted({k for k in ks if k <= scores.num_aus})
     if not ks:
         raise ValueError(f"No k of the grid fits the {scores.num_aus} candidate AUs; use smaller values of k.")
-    alphas = [_check_alpha(alpha) for alpha in alphas]
+    alphas = [check_alpha(alpha) for alpha in alphas]
     cells = [(k, alpha, scores.select(k, alpha)) for k in ks for alpha in alphas]
     peft_model = scores.to_adapter(ks[0], alphas[0], model, adapter_name=adapter_name)
     return _sweep(peft_model, tokenizer, task, split, cells, adapter_name, method, scoring, batch_size, vanilla,
@@ -147,7 +148,7 @@ def sweep_aus(
 def _sweep(peft_model, tokenizer, task, split, cells, adapter_name, method, scoring, batch_size, vanilla, progress):
     started = time.perf_counter()
     if vanilla is None:
-        with peft_model.disable_adapter():
+        with unsteered(peft_model):
             vanilla = evaluate_split(peft_model, tokenizer, task, split, scoring, batch_size=batch_size)
     scored = []
     for k, alpha, aus in tqdm(cells, desc=f"sweep {method}", unit="cell", disable=not progress):

@@ -38,7 +38,6 @@ criterion (:meth:`AutoChoice.best`); ties go to fewer AUs, then to the smaller Î
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,10 +48,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..evaluate.scoring import continuation_logprobs
-from ..evaluate.runner import _pad_left, forward_logits
-from .fit import _base_model, _max_length, _pad_token_id, tokenize_pairs
-from .scores import MomentumScores, _check_alpha
+from . import inputs
+from .logprobs import continuation_logprobs, forward_logits
+from .scores import MomentumScores, check_alpha
 
 MAX_HELDOUT_PAIRS = 128  # every cell scores each held-out pair once, so this bounds the cost
 MIN_PAIRS_PER_SIDE = 8
@@ -183,7 +181,7 @@ def _stratified_order(text_pairs: Sequence[tuple[str, str]], rng: np.random.Gene
     are all different (COPA's sentences) get a plain random order."""
     groups: dict[str, list[int]] = {}
     for i, (positive, negative) in enumerate(text_pairs):
-        groups.setdefault(positive[len(os.path.commonprefix([positive, negative])):], []).append(i)
+        groups.setdefault(positive[inputs.common_prefix_length(positive, negative):], []).append(i)
     keys = np.empty(len(text_pairs))
     for members in groups.values():
         keys[rng.permutation(members)] = (np.arange(len(members)) + rng.random()) / len(members)
@@ -203,7 +201,7 @@ def choose_k_alpha(model: nn.Module, tokenizer: Any, scores: MomentumScores,
     holding it)."""
     _check_criterion(criterion)  # before any forward pass
     ks = sorted({k for k in ks if k <= scores.num_aus})
-    alphas = [_check_alpha(alpha) for alpha in alphas]
+    alphas = [check_alpha(alpha) for alpha in alphas]
     if not ks:
         raise ValueError(f"No k of the grid fits the {scores.num_aus} candidate AUs; use smaller values of k.")
     counted = [scores - fold_counts for fold_counts, _ in folds]  # refuses a fold with more pairs or counts
@@ -218,7 +216,7 @@ def choose_k_alpha(model: nn.Module, tokenizer: Any, scores: MomentumScores,
             per_fold.append(margin_of(peft_model))
         return torch.cat(per_fold)
 
-    with peft_model.disable_adapter():
+    with inputs.unsteered(peft_model):
         vanilla = margins_of(None)
     margins = {}
     for k, alpha in tqdm([(k, a) for k in ks for a in alphas], desc="automatic (k, Î±)", unit="cell",
@@ -241,17 +239,15 @@ class _MarginScorer:
     scoring the two full texts, at half the cost. Other pairs forward both texts."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, heldout: Sequence[tuple[str, str]], batch_size: int):
-        base = _base_model(model)
-        token_pairs = tokenize_pairs(tokenizer, list(heldout), max_length=_max_length(None, tokenizer, base))
+        base = inputs.base_model(model)
+        token_pairs = inputs.tokenize_pairs(tokenizer, list(heldout),
+                                            max_length=inputs.resolve_max_length(None, tokenizer, base))
         # Per forwarded sequence: its tokens, where its scored continuation starts, and for a shared prefix the
         # (positive, negative) next tokens. Per pair: the rows of its positive and negative texts (one row twice
         # for a shared prefix).
         sequences, starts, next_tokens, pair_rows, skipped = [], [], [], [], 0
         for positive, negative in token_pairs:
-            shared = 0
-            while shared < min(len(positive), len(negative)) and positive[shared] == negative[shared]:
-                shared += 1
-            shared = max(shared, 1)  # the first token has no logit predicting it
+            shared = max(inputs.common_prefix_length(positive, negative), 1)  # no logit predicts the first token
             if shared >= len(positive) or shared >= len(negative):
                 skipped += 1  # one text is a prefix of the other: no two continuations to compare
                 continue
@@ -276,7 +272,7 @@ class _MarginScorer:
         self.positive_rows = torch.tensor([rows[0] for rows in pair_rows])
         self.negative_rows = torch.tensor([rows[1] for rows in pair_rows])
         self.two_texts = self.positive_rows != self.negative_rows
-        self.pad_id = _pad_token_id(tokenizer)
+        self.pad_id = inputs.pad_token_id(tokenizer)
         self.forwarded_rows = 0  # sequences run through the model so far (tests count them)
 
     @torch.inference_mode()
@@ -284,7 +280,7 @@ class _MarginScorer:
         # Per row: a text's summed continuation log-probability, or for a shared prefix the margin itself.
         values = torch.zeros(len(self.sequences), dtype=torch.float64)
         for rows in self.batches:
-            batch = _pad_left([self.sequences[r] for r in rows], self.pad_id)
+            batch = inputs.pad([self.sequences[r] for r in rows], self.pad_id, "left")
             width = batch["input_ids"].shape[1]
             # The continuation plus the position before it; a shared prefix needs its last position only.
             window = max(1 if self.next_tokens[r] else len(self.sequences[r]) - self.starts[r] + 1 for r in rows)

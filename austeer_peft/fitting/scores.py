@@ -1,22 +1,17 @@
-"""Activation momentum (paper Section 4.1): per-AU sign counts of ``x_pos - x_neg`` over contrastive pairs.
+"""Activation momentum's table (paper Section 4.1): :class:`MomentumScores`, per-AU sign counts of
+``x_pos - x_neg`` over contrastive pairs, and everything derived from them without the model: scores, the top-k,
+AUSteer's adaptive γ, adding and subtracting counts, and the scores file.
 
-Two objects live here:
-
-* :class:`MomentumCounter` reads every candidate AU at the last non-padding token of each sequence through forward
-  hooks and turns a batch straight into integer counts, so nothing whose size depends on the number of pairs is ever
-  kept. It stops the forward pass as soon as the last candidate module has been read.
-* :class:`MomentumScores` is the only product of a fit pass: the counts, ``N`` and what the counted modules are. Every
-  adapter, for any ``(k, α)``, is derived from it without touching the model again.
+It is the only product of a fit pass (:mod:`austeer_peft.fitting.counter` makes it); every adapter, for any
+``(k, α)``, comes from it. Building the PeftModel itself is :mod:`austeer_peft.fitting.adapter`.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import warnings
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -24,257 +19,14 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from ..tuner.config import AUSteerConfig
-from ..tuner.experts import fused_experts_axis, read_expert_units
 from ..tuner.aus import AU
-from ..tuner.sites import SiteModule, base_named_modules, candidate_modules, unwrap
+from ..tuner.config import AUSteerConfig
+from ..tuner.sites import SiteModule
+from .adapter import steered_model
+from . import inputs
 
 SCORES_FORMAT = "austeer-momentum"
 SCORES_FORMAT_VERSION = "2"  # 2: all metadata in one entry (1: one entry per field)
-
-
-class _StopForward(Exception):
-    """Raised from the hook of the last candidate module: nothing after it (later layers, norm, LM head) is needed."""
-
-
-class MomentumCounter:
-    """Streams batches of contrastive pairs into per-AU counts ``#(x_pos > x_neg)`` and ``#(x_pos < x_neg)``.
-
-    A batch holds ``2B`` sequences: the B positives first, then their B negatives in the same order. For every
-    candidate module a hook keeps only the activation at each sequence's last non-padding token (``[2B, width]``).
-    When the last candidate module has been read, the forward is stopped and the batch's slices are compared in one
-    go per device: positives against negatives, adding the sign counts to int64 vectors on that device (so a model
-    dispatched over several devices never moves activations between them). Ties (equal activations) add to neither
-    count; they only count in ``N``. Nothing outlives a batch but the counts.
-
-    Use it as a context manager (hooks are registered on enter and removed on exit) and call :meth:`count_batch`
-    once per batch.
-    """
-
-    def __init__(self, model: nn.Module, candidates: list[SiteModule]) -> None:
-        modules = base_named_modules(model)
-        self.candidates = candidates
-        self.modules = [modules[c.name] for c in candidates]
-        # Expert-level AUs (`ffn_inner` on fused MoE experts) are inside the module: read them from its inputs.
-        self._expert_modules = {i: unwrap(m) for i, (c, m) in enumerate(zip(candidates, self.modules))
-                                if c.position == "input" and fused_experts_axis(unwrap(m)) is not None}
-        # The only state that outlives a batch: per device, the counts of the AUs of the modules on it (created on
-        # the first batch), and the number of pairs counted.
-        self.blocks: list[_DeviceCounts] = []
-        self.num_pairs = 0
-        self._handles: list[Any] = []
-        self._reset_batch()
-
-    # ------------------------------------------------------------------------------------------------ hooks
-
-    def __enter__(self) -> "MomentumCounter":
-        for i, (candidate, module) in enumerate(zip(self.candidates, self.modules)):
-            if candidate.position == "input":
-                handle = module.register_forward_pre_hook(functools.partial(self._input_hook, i), with_kwargs=True)
-            else:
-                handle = module.register_forward_hook(functools.partial(self._output_hook, i))
-            self._handles.append(handle)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self._reset_batch()
-
-    def _input_hook(self, i: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if i in self._expert_modules:
-            if self._last_token is not None:
-                rows, last_token = self._index_on(args[0].device if args else kwargs["hidden_states"].device)
-                experts = self._expert_modules[i]
-                self._record(i, read_expert_units(experts, args, kwargs, rows * self._seq_len + last_token),
-                             at_last_token=True)
-            return
-        if args:
-            activation = args[0]
-        else:
-            activation = kwargs.get("hidden_states", next((v for v in kwargs.values() if torch.is_tensor(v)), None))
-        self._record(i, activation)
-
-    def _output_hook(self, i: int, module: nn.Module, args: tuple, output: Any) -> None:
-        self._record(i, output if torch.is_tensor(output) else output[0])
-
-    # ------------------------------------------------------------------------------------------------ counting
-
-    def _reset_batch(self) -> None:
-        self._last_token: Optional[torch.Tensor] = None  # [2B] index of each sequence's last non-padding token
-        self._index: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # (rows, last_token) per device
-        self._seq_len = 0
-        self._last: list[Optional[torch.Tensor]] = [None] * len(self.candidates)  # this batch's [2B, width] slices
-        self._remaining = 0
-
-    def count_batch(self, run_forward: Callable[[], Any], last_token: torch.Tensor, seq_len: int) -> None:
-        """Run one forward pass (``run_forward()``) over ``2B`` sequences and add its pairs to the counts.
-
-        ``last_token[r]`` is the position of the last non-padding token of sequence ``r``; ``seq_len`` the padded
-        length. The forward is cut short once every candidate module has been read.
-        """
-        if not self._handles:
-            raise RuntimeError("MomentumCounter hooks are not registered; use it as `with MomentumCounter(...) as c:`.")
-        if last_token.ndim != 1 or last_token.numel() % 2:
-            raise ValueError(f"A batch holds 2B sequences (B positives, then B negatives); got {last_token.numel()}.")
-        self._last_token = last_token.long()
-        self._seq_len = seq_len
-        self._remaining = len(self.candidates)
-        try:
-            try:
-                run_forward()
-            except _StopForward:
-                pass
-            missing = [c.name for c, last in zip(self.candidates, self._last) if last is None]
-            if missing:
-                raise RuntimeError(
-                    f"The forward pass finished without running {len(missing)} candidate module(s), e.g. "
-                    f"{missing[:3]}; their AUs cannot be counted. Choose sites/target_modules that the model's "
-                    "forward actually calls."
-                )
-            self._accumulate(self._last, last_token.numel() // 2)
-        finally:
-            self._reset_batch()
-        self.num_pairs += last_token.numel() // 2
-
-    def _record(self, i: int, activation: Optional[torch.Tensor], at_last_token: bool = False) -> None:
-        if self._last_token is None:  # a forward outside count_batch (e.g. the user's own call): not ours to count
-            return
-        candidate = self.candidates[i]
-        if self._last[i] is not None:
-            raise RuntimeError(
-                f"{candidate.name} ran twice in one forward pass, so its last-token activation is ambiguous; "
-                "AUSteer can only fit modules that run once per forward."
-            )
-        if not torch.is_tensor(activation):
-            raise TypeError(f"Could not read a tensor from the {candidate.position} of {candidate.name}.")
-        activation = activation.detach()
-        self._last[i] = activation if at_last_token else self._last_token_slice(candidate, activation)  # [2B, width]
-        self._remaining -= 1
-        if self._remaining == 0:
-            raise _StopForward
-
-    def _last_token_slice(self, candidate: SiteModule, activation: torch.Tensor) -> torch.Tensor:
-        """Each sequence's last-token activation; blocks such as MoE may see the tokens flattened to [2B·T, width]."""
-        batch, seq_len = self._last_token.numel(), self._seq_len
-        rows, last_token = self._index_on(activation.device)
-        if activation.ndim == 3 and activation.shape == (batch, seq_len, candidate.width):
-            return activation[rows, last_token]
-        if activation.ndim == 2 and activation.shape == (batch * seq_len, candidate.width):
-            return activation.index_select(0, rows * seq_len + last_token)
-        raise RuntimeError(
-            f"The {candidate.position} of {candidate.name} has shape {tuple(activation.shape)}; expected "
-            f"[{batch}, {seq_len}, {candidate.width}] (sequences, tokens, AUs). This module does not carry one "
-            "activation per token; pick another site or target module."
-        )
-
-    def _index_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if device not in self._index:
-            last_token = self._last_token.to(device)
-            self._index[device] = (torch.arange(last_token.numel(), device=device), last_token)
-        return self._index[device]
-
-    def _accumulate(self, last: list[torch.Tensor], num_pairs: int) -> None:
-        """Compare the batch's positives with its negatives, all modules of a device at once."""
-        if not self.blocks:
-            by_device: dict[torch.device, list[int]] = {}
-            for i, tensor in enumerate(last):
-                by_device.setdefault(tensor.device, []).append(i)
-            self.blocks = [_DeviceCounts.empty(device, members, self.candidates)
-                           for device, members in by_device.items()]
-        for block in self.blocks:
-            tensors = [last[i] for i in block.members]
-            if any(t.device != block.device for t in tensors):
-                raise RuntimeError("A candidate module changed device between batches; keep the model where it is "
-                                   "during the fit.")
-            if len({t.dtype for t in tensors}) > 1:  # promoting is exact, so comparisons do not change
-                dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
-                tensors = [t.to(dtype) for t in tensors]
-            values = torch.cat(tensors, dim=1) if len(tensors) > 1 else tensors[0]  # [2B, AUs on this device]
-            positive, negative = values[:num_pairs], values[num_pairs:]
-            block.n_pos += (positive > negative).sum(0)
-            block.n_neg += (positive < negative).sum(0)
-            finite = torch.isfinite(values)
-            block.n_nonfinite += (~(finite[:num_pairs] & finite[num_pairs:])).sum(0)
-
-    def all_reduce(self) -> None:
-        """Sum the counts of all processes of torch.distributed's default group into every process.
-
-        The counts are integers, so the sum does not depend on how the pairs were split: afterwards every process
-        holds exactly the counts one process would have made of all pairs (on the CPU).
-        """
-        import torch.distributed as dist
-
-        widths = [c.width for c in self.candidates]
-        starts = [sum(widths[:i]) for i in range(len(widths))]
-        counts = torch.zeros(3, sum(widths), dtype=torch.int64)  # n_pos, n_neg, n_nonfinite; a process may have none
-        for i, module_counts in self._module_counts().items():
-            counts[:, starts[i]:starts[i] + widths[i]] = torch.stack(module_counts).cpu()
-        flat = torch.cat([counts.flatten(), torch.tensor([self.num_pairs])])
-        # nccl only reduces GPU tensors; gloo (and a "cpu:gloo,cuda:nccl" group) takes CPU ones.
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else flat.device
-        flat = flat.to(device)
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat = flat.cpu()
-        counts = flat[:-1].view(3, -1)
-        self.blocks = [_DeviceCounts(torch.device("cpu"), list(range(len(self.candidates))), starts,
-                                     counts[0].clone(), counts[1].clone(), counts[2].clone())]
-        self.num_pairs = int(flat[-1])
-
-    # ------------------------------------------------------------------------------------------------ result
-
-    def _module_counts(self) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Module index -> (n_pos, n_neg, n_nonfinite) slices of its device's counts."""
-        counts = {}
-        for block in self.blocks:
-            for i, start in zip(block.members, block.offsets):
-                end = start + self.candidates[i].width
-                counts[i] = (block.n_pos[start:end], block.n_neg[start:end], block.n_nonfinite[start:end])
-        return counts
-
-    def nonfinite_modules(self) -> list[str]:
-        """Modules where some pair had a NaN/inf activation (such pairs count as ties)."""
-        counts = self._module_counts()
-        return [c.name for i, c in enumerate(self.candidates) if i in counts and int(counts[i][2].max()) > 0]
-
-    def to_scores(self, model: nn.Module, config: AUSteerConfig) -> "MomentumScores":
-        """The counts so far, moved to the CPU, as MomentumScores."""
-        if self.num_pairs == 0:
-            raise ValueError("No pairs were counted; there is nothing to build MomentumScores from.")
-        counts = self._module_counts()
-        return MomentumScores(
-            modules=list(self.candidates),
-            n_pos={c.name: counts[i][0].cpu().clone() for i, c in enumerate(self.candidates)},
-            n_neg={c.name: counts[i][1].cpu().clone() for i, c in enumerate(self.candidates)},
-            num_pairs=self.num_pairs,
-            model_type=getattr(getattr(model, "config", None), "model_type", None),
-            sites=list(config.sites) if config.target_modules is None else None,
-            target_modules=config.target_modules,
-            position=config.position,
-        )
-
-
-@dataclass
-class _DeviceCounts:
-    """The counts of all AUs of the candidate modules on one device, modules side by side in model order."""
-
-    device: torch.device
-    members: list[int]  # candidate indices of the modules on this device
-    offsets: list[int]  # where each member's AUs start
-    n_pos: torch.Tensor  # int64 [AUs on this device]: #(x_pos > x_neg)
-    n_neg: torch.Tensor  # int64 [AUs on this device]: #(x_pos < x_neg)
-    n_nonfinite: torch.Tensor  # int64 [AUs on this device]: pairs with a NaN/inf on either side
-
-    @classmethod
-    def empty(cls, device: torch.device, members: list[int], candidates: list[SiteModule]) -> "_DeviceCounts":
-        widths = [candidates[i].width for i in members]
-        offsets = [sum(widths[:j]) for j in range(len(widths))]
-
-        def zeros():
-            return torch.zeros(sum(widths), dtype=torch.int64, device=device)
-
-        return cls(device, members, offsets, zeros(), zeros(), zeros())
 
 
 @dataclass(eq=False)
@@ -362,7 +114,7 @@ class MomentumScores:
 
     def select(self, k: int, alpha: float) -> list[AU]:
         """The top-k AUs with their γ, best first: ``γ = α·r_pos`` if ``r_pos > r_neg``, else ``-α·r_neg``."""
-        alpha = _check_alpha(alpha)
+        alpha = check_alpha(alpha)
         top = self._top(k)
         module_index, dims, n_pos, n_neg = self._flat()
         aus = []
@@ -450,51 +202,10 @@ class MomentumScores:
         any PEFT method), or a PeftModel with AUSteer adapters: then the adapter is added (or, if ``adapter_name``
         exists with the same sites, its AUs are replaced) and made the active adapter. Returns the PeftModel.
         """
-        from peft import PeftModel, get_peft_model
-
         config = self.adapter_config(k, alpha)
         aus = self.select(k, alpha)
-        if isinstance(model, PeftModel):
-            base = model.get_base_model()
-            self._check_model(base, config)
-            existing = model.peft_config.get(adapter_name)
-            if existing is None:
-                model.add_adapter(adapter_name, config)
-            elif not isinstance(existing, AUSteerConfig):
-                raise ValueError(
-                    f"Adapter {adapter_name!r} of this PeftModel is a {existing.peft_type} adapter, not AUSteer. Pass "
-                    "another `adapter_name`, or the base model (`merge_and_unload()` first)."
-                )
-            elif (existing.sites, existing.target_modules, existing.position) != \
-                    (config.sites, config.target_modules, config.position):
-                raise ValueError(
-                    f"Adapter {adapter_name!r} steers sites={existing.sites} target_modules={existing.target_modules},"
-                    f" but these scores were counted on sites={config.sites} target_modules={config.target_modules}. "
-                    "Pass another `adapter_name`."
-                )
-            else:
-                existing.k, existing.alpha = config.k, config.alpha
-            model.set_aus(aus, adapter_name=adapter_name)
-            model.set_adapter(adapter_name)
-            return model
-        self._check_model(model, config)
-        peft_model = get_peft_model(model, config, adapter_name=adapter_name)
-        peft_model.set_aus(aus, adapter_name=adapter_name)
-        return peft_model
-
-    def _check_model(self, model: nn.Module, config: AUSteerConfig) -> None:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if self.model_type and model_type and model_type != self.model_type:
-            raise ValueError(
-                f"These momentum scores were counted on a {self.model_type!r} model, not on this {model_type!r} model."
-            )
-        expected = [(m.name, m.width) for m in self.modules]
-        found = [(m.name, m.width) for m in candidate_modules(model, config)]
-        if found != expected:
-            raise ValueError(
-                f"The model's candidate modules do not match the scores' ({len(found)} vs {len(expected)} modules, "
-                f"e.g. {found[:1]} vs {expected[:1]}); use the model the scores were counted on."
-            )
+        return steered_model(model, config, aus, adapter_name, counted_modules=self.modules,
+                             counted_model_type=self.model_type)
 
     # ------------------------------------------------------------------------------------------------ files
 
@@ -502,15 +213,15 @@ class MomentumScores:
         """Write the counts to one safetensors file; what they count (modules, N, sites) goes in one JSON metadata
         entry, since safetensors writes several entries in an arbitrary order and the file should be reproducible.
 
-        After a distributed fit every process holds the same scores, and only the main one writes: rank 0 of
-        torch.distributed's default group (or any process without one) unless ``is_main_process`` says otherwise,
+        After a distributed fit every process holds the same scores, and only the main one writes (accelerate's
+        main process, i.e. rank 0; any process without a process group) unless ``is_main_process`` says otherwise,
         as in PEFT's ``save_pretrained(..., is_main_process=...)``. Other processes return at once; one that reads
         the file must wait for the main process first (e.g. ``torch.distributed.barrier()``).
         """
         from safetensors.torch import save_file
 
         if is_main_process is None:
-            is_main_process = _is_main_process()
+            is_main_process = inputs.is_main_process()
         if not is_main_process:
             return
         tensors = {}
@@ -553,19 +264,13 @@ class MomentumScores:
                    position=header["position"])
 
 
-def _is_main_process() -> bool:
-    """Rank 0 of torch.distributed's default process group, or True without one."""
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 def adaptive_gamma(n_pos: int, n_neg: int, num_pairs: int, alpha: float) -> float:
     """AUSteer's adaptive γ of one AU: ``α·r_pos`` if ``r_pos > r_neg``, else ``-α·r_neg``."""
     return alpha * n_pos / num_pairs if n_pos > n_neg else -alpha * n_neg / num_pairs
 
 
-def _check_alpha(alpha: Any) -> float:
+def check_alpha(alpha: Any) -> float:
+    """``alpha`` as a float, or a clear error unless it is a finite number > 0."""
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
         raise ValueError(f"`alpha` must be a finite number > 0 (typical range 1..100), got {alpha!r}.")
     return float(alpha)
