@@ -277,3 +277,27 @@ def test_job_commands_have_help(capsys, command, expected):
         main([command, "--help"])
     out = capsys.readouterr().out
     assert all(text in out for text in expected), out
+
+
+def test_defaults_come_from_the_library(capsys):
+    """Sites, k, α, the sweep grid and the task list are read from the library, not repeated in the CLI."""
+    from austeer_peft import SITES
+    from austeer_peft.evaluate.sweep import DEFAULT_ALPHAS, DEFAULT_KS
+    from austeer_peft.evaluate.tasks import TASK_NAMES
+    from austeer_peft.cli import build_parser
+
+    parser = build_parser()
+    fit = parser.parse_args(["fit", "--task", "copa", "--output", "x"])
+    config = AUSteerConfig()
+    assert (fit.sites, fit.k, fit.alpha) == (config.sites, config.k, config.alpha) == (["attention"], 100, 15.0)
+    sweep = parser.parse_args(["sweep", "--task", "copa", "--output", "x"])
+    assert sweep.ks == list(DEFAULT_KS) and sweep.alphas == list(DEFAULT_ALPHAS)
+    assert parser.parse_args(["fit", "--sites", *SITES, "--output", "x"]).sites == list(SITES)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["fit", "--sites", "nowhere", "--output", "x"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    task_help = " ".join(capsys.readouterr().out.split())
+    assert f"built-in task: {', '.join(TASK_NAMES)} (read from --data-dir)" in task_help
+    assert "winogrande" in TASK_NAMES

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-
+import numpy as np
 import pytest
 import torch
 from test_fit import char_tokenizer
 
 from austeer_peft import as_text_pairs, pairs_from_answer_pool, pairs_from_choices
-
+from austeer_peft.fitting.pairs import bag_of_words_encoder, nearest_wrong, wrong_answers
 
 
 # ---------------------------------------------------------------------------------------------------- formats
@@ -96,6 +96,24 @@ def test_pairs_from_choices_shared_choices_text_labels_and_all_negatives():
     assert every == [("Q:", "B", "A"), ("Q:", "B", "C")]
 
 
+def test_pairs_from_choices_per_example_draw_does_not_depend_on_earlier_examples():
+    prompts = [f"Q{i}:" for i in range(12)]
+    choices = [" a", " b", " c", " d"]
+    labels = [i % 4 for i in range(12)]
+    triples = pairs_from_choices(prompts, choices, labels, seed=3, draw="per_example")
+    for index, (prompt, correct, wrong) in enumerate(triples):
+        options = [c for c in choices if c != correct]
+        assert wrong == options[int(np.random.default_rng([3, index]).integers(3))]
+    # the sequential draw of the later examples changes when an earlier one is dropped; the per-example one does not
+    # for an example that keeps its index
+    changed = pairs_from_choices(prompts[:6] + ["X:"] + prompts[7:], choices, labels, seed=3, draw="per_example")
+    assert changed[:6] + changed[7:] == triples[:6] + triples[7:]
+    two = pairs_from_choices(["q", "r"], [" yes", " no"], [1, 0], draw="per_example")
+    assert two == [("q", " no", " yes"), ("r", " yes", " no")]
+    with pytest.raises(ValueError, match="`draw` must be 'sequential' or 'per_example'"):
+        pairs_from_choices(["q"], [" yes", " no"], [0], draw="each")
+
+
 @pytest.mark.parametrize(
     "args, error, match",
     [
@@ -140,6 +158,22 @@ def test_answer_pool_negative_is_the_most_similar_wrong_answer():
         pairs_from_answer_pool(["Q", "R"], ["abc", "abc "], encoder=bag_of_letters)
     with pytest.raises(ValueError, match="one embedding row per text"):
         pairs_from_answer_pool(["Q", "R"], ["a", "b"], encoder=lambda texts: torch.zeros(1, 4))
+
+
+def test_nearest_wrong_is_the_shared_rule_of_both_recipes():
+    similarity = torch.tensor([[1.0, 0.5, 0.5, 0.9], [0.2, 1.0, 0.2, 0.1], [0.3, 0.3, 1.0, 0.3]])
+    same = torch.tensor([[True, False, False, True], [False, True, False, False], [True, True, True, True]])
+    # the highest unmasked column, the first on ties, None when every candidate is the same answer
+    assert nearest_wrong(similarity, same) == [1, 0, None]
+    problems = ["Tom has 3 apples.", "Tom has 5 apples.", "A car drives 60 miles."]
+    assert wrong_answers(problems, [2.0, 3.0, 60.0]) == [3.0, 2.0, 2.0]
+    from austeer_peft.evaluate import tasks
+
+    assert tasks.wrong_answers is wrong_answers  # the tasks re-export the one implementation
+    vectors = bag_of_words_encoder(["Tom has 3 apples", "tom HAS apples!", ""])
+    assert vectors.shape == (3, 3)  # words: apples, has, tom; numbers and punctuation dropped
+    torch.testing.assert_close(vectors[0], vectors[1])
+    assert torch.equal(vectors[2], torch.zeros(3))
 
 
 def test_default_encoder_picks_a_semantically_close_wrong_answer():

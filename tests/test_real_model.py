@@ -78,3 +78,19 @@ def test_smollm2_fit_on_sst2_save_load_merge(smollm2, tmp_path):
             assert torch.equal(loaded(**batch).logits, steered)
     finally:
         loaded.unload()
+
+
+def test_smollm2_first_tokens_tell_every_builtin_choice_apart(smollm2):
+    """The restricted first-token scoring needs each choice task's answers to start with distinct tokens after its
+    real prompts; WinoGrande's " A" / " B" included."""
+    from austeer_peft.evaluate import choice_token_ids, load_task
+    from austeer_peft.evaluate.tasks import TASK_NAMES
+
+    _, tokenizer = smollm2
+    for name in TASK_NAMES:
+        task = load_task(name, n_fit=4, n_validation=4)
+        if task.kind != "choice":
+            continue
+        for prompt in task.test.select(range(8))["prompt"]:
+            ids = choice_token_ids(tokenizer, task.choices, prompt)  # raises if two choices share a first token
+            assert len(set(ids)) == len(task.choices), (name, prompt)

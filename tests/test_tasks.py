@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
+import numpy as np
 import pytest
 from datasets import Dataset
 
 from austeer_peft.evaluate import tasks as T
 from austeer_peft.evaluate import load_task, load_user_task, parse_last_number
+from austeer_peft.evaluate.tasks import base, copa, mawps, sst2, winogrande
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +48,7 @@ def _assert_disjoint(task):
         ("sst2", "choice", {"fit": 500, "validation": 100, "test": 872}),
         ("svamp", "generation", {"fit": 600, "validation": 100, "test": 300}),
         ("mawps", "generation", {"fit": 1000, "validation": 100, "test": 384}),
+        ("winogrande", "choice", {"fit": 1000, "validation": 100, "test": 1267}),
     ],
 )
 def test_default_split_sizes_and_disjoint(loaded, name, kind, sizes):
@@ -60,16 +64,18 @@ def test_default_split_sizes_and_disjoint(loaded, name, kind, sizes):
 
 
 def test_raw_file_counts(data_dir):
-    assert len(T._read_copa(data_dir / "COPA" / "copa-dev.xml")) == 500
-    assert len(T._read_copa(data_dir / "COPA" / "copa-test.xml")) == 500
-    assert len(T._read_sst2(data_dir / "SST-2" / "dev.tsv")) == 872
-    assert len(T._read_sst2(data_dir / "SST-2" / "train.tsv")) == 67349
-    assert len(T._read_mawps(data_dir / "MAWPS" / "fold0_train.csv")) == 1537
-    assert len(T._read_mawps(data_dir / "MAWPS" / "fold0_dev.csv")) == 384
+    assert len(copa.read_copa(data_dir / "COPA" / "copa-dev.xml")) == 500
+    assert len(copa.read_copa(data_dir / "COPA" / "copa-test.xml")) == 500
+    assert len(sst2.read_sst2(data_dir / "SST-2" / "dev.tsv")) == 872
+    assert len(sst2.read_sst2(data_dir / "SST-2" / "train.tsv")) == 67349
+    assert len(mawps.read_mawps(data_dir / "MAWPS" / "fold0_train.csv")) == 1537
+    assert len(mawps.read_mawps(data_dir / "MAWPS" / "fold0_dev.csv")) == 384
+    assert len(winogrande.read_winogrande(data_dir / "WinoGrande" / "dev.jsonl")) == 1267
+    assert len(winogrande.read_winogrande(data_dir / "WinoGrande" / "train_xl_first2000.jsonl")) == 2000
 
 
 def test_labels_in_range(loaded):
-    for name in ("copa", "boolq", "sst2"):
+    for name in ("copa", "boolq", "sst2", "winogrande"):
         task = loaded[name]
         for split in ("fit", "validation", "test"):
             data = task.split(split)
@@ -114,6 +120,65 @@ def test_boolq_template_exact(loaded, data_dir):
     )
     assert row["label"] == 1  # "false" -> " no"
     assert row["choices"] == [" yes", " no"]
+
+
+def test_winogrande_template_and_splits(loaded, data_dir):
+    with open(data_dir / "WinoGrande" / "dev.jsonl") as handle:
+        first = json.loads(handle.readline())
+    task = loaded["winogrande"]
+    row = task.test[0]
+    assert row["id"] == first["qID"]
+    assert row["prompt"] == (
+        "Please fill in the blanks. Write A or B as the answer.\n\n"
+        "Sentence: Sarah was a much better surgeon than Maria so _ always got the easier cases.\n"
+        "A. Sarah\nB. Maria\nAnswer:"
+    )
+    assert row["label"] == 1 and row["choices"] == [" A", " B"] == task.choices  # answer "2" -> " B"
+    assert all(i.startswith("train_xl_first2000-") for i in _ids(task.fit) + _ids(task.validation))
+    assert "1267" in task.split_note and "train_xl_first2000.jsonl" in task.split_note
+
+
+def _write_winogrande(folder, n_train=12, n_dev=5):
+    """A tiny WinoGrande folder in the real files' format (train without qID, dev with it)."""
+    folder.mkdir(parents=True)
+    with open(folder / "train_xl_first2000.jsonl", "w") as handle:
+        for i in range(n_train):
+            handle.write(json.dumps({"sentence": f"Ann lent Bo {i} pens because _ had many.", "option1": "Ann",
+                                     "option2": "Bo", "answer": "1" if i % 3 else "2"}) + "\n")
+    with open(folder / "dev.jsonl", "w") as handle:
+        for i in range(n_dev):
+            handle.write(json.dumps({"qID": f"q{i}-1", "sentence": f"Cy beat Di {i} times, so _ won.",
+                                     "option1": "Cy", "option2": "Di", "answer": "2" if i % 2 else "1"}) + "\n")
+
+
+def test_winogrande_from_tiny_files(tmp_path):
+    _write_winogrande(tmp_path / "WinoGrande")
+    task = load_task("winogrande", data_dir=tmp_path, n_fit=6, n_validation=3)
+    assert task.kind == "choice" and task.sizes == {"fit": 6, "validation": 3, "test": 5}
+    _assert_disjoint(task)
+    assert _ids(task.test) == [f"q{i}-1" for i in range(5)] and list(task.test["label"]) == [0, 1, 0, 1, 0]
+    assert task.test[1]["prompt"].endswith("Sentence: Cy beat Di 1 times, so _ won.\nA. Cy\nB. Di\nAnswer:")
+    number = {row["id"]: int(row["id"].rsplit("-", 1)[1]) for row in task.fit}
+    assert all(row["label"] == (0 if number[row["id"]] % 3 else 1) for row in task.fit)
+    assert [tuple(p) for p in task.pairs("test")][:2] == [(task.test[0]["prompt"], " A", " B"),
+                                                          (task.test[1]["prompt"], " B", " A")]
+    again = load_task("winogrande", data_dir=tmp_path, n_fit=6, n_validation=3)
+    assert _ids(again.fit) == _ids(task.fit) and _ids(again.validation) == _ids(task.validation)
+    assert _ids(load_task("winogrande", data_dir=tmp_path, n_fit=2, n_validation=3).validation) == \
+        _ids(task.validation)  # n_fit does not move the validation split
+    with pytest.raises(ValueError, match="exceeds the 12 examples of train_xl_first2000.jsonl"):
+        load_task("winogrande", data_dir=tmp_path, n_fit=10, n_validation=3)
+
+
+def test_winogrande_bad_files(tmp_path):
+    _write_winogrande(tmp_path / "WinoGrande")
+    with open(tmp_path / "WinoGrande" / "dev.jsonl", "a") as handle:
+        handle.write(json.dumps({"sentence": "x _", "option1": "a", "option2": "b", "answer": "3"}) + "\n")
+    with pytest.raises(ValueError, match="line 6: answer must be '1' or '2', got '3'"):
+        load_task("winogrande", data_dir=tmp_path, n_fit=2, n_validation=1)
+    (tmp_path / "WinoGrande" / "dev.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match="dev.jsonl"):
+        load_task("winogrande", data_dir=tmp_path, n_fit=2, n_validation=1)
 
 
 def test_boolq_split_note(loaded):
@@ -190,8 +255,9 @@ def test_n_fit_does_not_move_validation_or_test(data_dir, loaded):
 def test_load_task_names(data_dir):
     assert load_task("SST-2", data_dir=data_dir, n_fit=10, n_validation=5).sizes == {"fit": 10, "validation": 5,
                                                                                     "test": 872}
-    with pytest.raises(ValueError, match="Unknown task"):
-        load_task("winogrande", data_dir=data_dir)
+    assert load_task("WinoGrande", data_dir=data_dir, n_fit=10, n_validation=5).sizes["test"] == 1267
+    with pytest.raises(ValueError, match="Unknown task 'hellaswag'; expected one of copa, .*winogrande"):
+        load_task("hellaswag", data_dir=data_dir)
 
 
 def test_data_dir_resolution(tmp_path, monkeypatch, data_dir):
@@ -202,6 +268,21 @@ def test_data_dir_resolution(tmp_path, monkeypatch, data_dir):
     monkeypatch.setenv("AUSTEER_DATA", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="copa-dev.xml"):
         load_task("copa")
+
+
+def test_default_data_dir_is_next_to_the_repository(tmp_path, monkeypatch):
+    """The package-relative default survives the move into evaluate/tasks/: PACKAGE_PARENT is the folder holding
+    austeer_peft/, and ../shared/data next to it is found from any working directory."""
+    assert (base.PACKAGE_PARENT / "austeer_peft" / "evaluate" / "tasks" / "base.py").resolve() == \
+        Path(base.__file__).resolve()
+    monkeypatch.delenv("AUSTEER_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
+    expected = base.PACKAGE_PARENT.parent / "shared" / "data"
+    if expected.is_dir():  # a checkout next to shared/ (this project's layout)
+        assert T.resolve_data_dir() == expected
+    else:  # an installed or moved package: the error names the folder it tried
+        with pytest.raises(FileNotFoundError, match=re.escape(str(expected))):
+            T.resolve_data_dir()
 
 
 # ------------------------------------------------------------------------------------------------- pairs
@@ -228,6 +309,19 @@ def test_generation_pairs(loaded):
             assert chosen == " " + row["answer_text"]
             assert abs(parse_last_number(chosen) - row["answer"]) < 1e-4
             assert abs(parse_last_number(rejected) - row["answer"]) > 1e-4
+
+
+def test_task_pairs_draw_per_row_among_more_than_two_choices():
+    colours = [" red", " green", " blue", " cyan"]
+    rows = [{"q": f"Colour {i}?", "y": i % 4} for i in range(30)]
+    task = load_user_task(rows, "{q}", choices=colours, label_column="y", n_test=0, n_validation=0, seed=5)
+    pairs = task.pairs("fit")
+    for index, ((_, chosen, rejected), row) in enumerate(zip(pairs, task.fit)):
+        wrong = [c for i, c in enumerate(colours) if i != row["label"]]
+        assert chosen == colours[row["label"]]
+        assert rejected == wrong[int(np.random.default_rng([5, index]).integers(3))]  # seeded by (seed, row)
+    assert load_user_task(rows, "{q}", choices=colours, label_column="y", n_test=0, n_validation=0,
+                          seed=5, n_fit=0).pairs("fit") == []
 
 
 def test_wrong_answers_pick_most_similar_problem():

@@ -12,15 +12,22 @@ how they end. Accepted formats:
 
 With ``chat_template=True`` the prompt becomes a user turn rendered by the tokenizer's chat template with the
 generation prompt, and the answer is appended to that text.
+
+The builders here are the only implementation of the paper's two pair recipes; the evaluation tasks
+(:mod:`austeer_peft.evaluate.tasks`) build their pairs with them: :func:`pairs_from_choices` (correct choice vs a
+random wrong one) and :func:`nearest_wrong` (the most similar wrong answer, behind :func:`pairs_from_answer_pool`
+and the math tasks' :func:`wrong_answers`).
 """
 
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 from typing import Any, Optional, Union
 
+import numpy as np
 import torch
 
 TextPair = tuple[str, str]
@@ -135,7 +142,8 @@ def _short(value: Any) -> str:
 
 
 def pairs_from_choices(prompts: Sequence[str], choices: Union[Sequence[str], Sequence[Sequence[str]]],
-                       labels: Sequence[Union[int, str]], *, negatives: str = "random", seed: int = 0) -> list[Triple]:
+                       labels: Sequence[Union[int, str]], *, negatives: str = "random", seed: int = 0,
+                       draw: str = "sequential") -> list[Triple]:
     """Pairs from labelled multiple-choice data: prompt + correct choice vs prompt + a wrong choice.
 
     Args:
@@ -146,12 +154,18 @@ def pairs_from_choices(prompts: Sequence[str], choices: Union[Sequence[str], Seq
         negatives: ``"random"`` (the paper: one randomly selected wrong choice per example, seeded) or ``"all"``
             (one pair per wrong choice).
         seed: seed of the random choice of wrong answers.
+        draw: how ``"random"`` draws: ``"sequential"`` (one ``random.Random(seed)`` stream over the examples) or
+            ``"per_example"`` (a generator seeded by ``(seed, example index)`` and used only when there is more than
+            one wrong choice, so an example's pick does not depend on the examples before it; the tasks'
+            :meth:`~austeer_peft.evaluate.Task.pairs` draw this way).
 
     Returns:
         ``(prompt, correct, wrong)`` triples, accepted by :func:`austeer_peft.fit_austeer`.
     """
     if negatives not in ("random", "all"):
         raise ValueError(f"`negatives` must be 'random' or 'all', got {negatives!r}.")
+    if draw not in ("sequential", "per_example"):
+        raise ValueError(f"`draw` must be 'sequential' or 'per_example', got {draw!r}.")
     prompts, labels = list(prompts), list(labels)
     choices = list(choices)
     shared = bool(choices) and all(isinstance(c, str) for c in choices)
@@ -172,7 +186,14 @@ def pairs_from_choices(prompts: Sequence[str], choices: Union[Sequence[str], Seq
         wrong = [o for o in options if o.strip() != correct.strip()]
         if not wrong:
             raise ValueError(f"Example {index} has no wrong choice (choices {options!r}); a pair needs one.")
-        picked = [rng.choice(wrong)] if negatives == "random" else wrong
+        if negatives == "all":
+            picked = wrong
+        elif draw == "sequential":
+            picked = [rng.choice(wrong)]
+        elif len(wrong) > 1:  # "per_example"
+            picked = [wrong[int(np.random.default_rng([seed, index]).integers(len(wrong)))]]
+        else:
+            picked = wrong
         triples.extend((prompt, correct, w) for w in picked)
     return triples
 
@@ -230,14 +251,54 @@ def pairs_from_answer_pool(prompts: Sequence[str], answers: Sequence[str], *, po
     pool_embeddings = _unit_rows(encoder(pool), len(pool))
     similarity = answer_embeddings @ pool_embeddings.T  # [answers, pool]
     pool_keys = [normalize(p) for p in pool]
-    nearest_wrong = {}
-    for row, answer in enumerate(distinct_answers):
-        same = torch.tensor([key == normalize(answer) for key in pool_keys])
-        if bool(same.all()):
+    same = torch.tensor([[key == normalize(answer) for key in pool_keys] for answer in distinct_answers])
+    picks = nearest_wrong(similarity, same)
+    for answer, pick in zip(distinct_answers, picks):
+        if pick is None:
             raise ValueError(f"The answer pool has no answer different from {answer!r}; add wrong answers to `pool`.")
-        scores = similarity[row].masked_fill(same, float("-inf"))
-        nearest_wrong[answer] = pool[int(torch.argmax(scores))]  # argmax returns the first maximum
-    return [(prompt, answer, nearest_wrong[answer]) for prompt, answer in zip(prompts, answers)]
+    wrong_of = {answer: pool[pick] for answer, pick in zip(distinct_answers, picks)}
+    return [(prompt, answer, wrong_of[answer]) for prompt, answer in zip(prompts, answers)]
+
+
+def nearest_wrong(similarity: torch.Tensor, same: torch.Tensor) -> list[Optional[int]]:
+    """For each query row, the candidate column of highest ``similarity`` [queries, candidates] among those that are
+    not the same answer (``same``, a bool [queries, candidates]); the first one on ties, ``None`` where every
+    candidate is the same answer. The one "most similar wrong answer" rule of both pair recipes."""
+    scores = similarity.masked_fill(same, float("-inf"))
+    best = torch.argmax(scores, dim=1)  # argmax returns the first maximum
+    return [None if bool(same[row].all()) else int(best[row]) for row in range(scores.shape[0])]
+
+
+def wrong_answers(problems: Sequence[str], answers: Sequence[float], tolerance: float = 1e-4) -> list[float]:
+    """For each problem, the answer of the most similar *other* problem whose answer differs (no leakage: the pool is
+    the given problems themselves); the math tasks' wrong answers.
+
+    The paper picks "the most semantically similar incorrect answer from the answer pool" with a sentence encoder;
+    offline we use the cosine similarity of bag-of-words vectors of the problem texts (:func:`bag_of_words_encoder`).
+    Ties go to the earliest row; if every other answer equals the correct one, ``answer + 1`` is used.
+    """
+    if len(problems) == 0:
+        return []
+    vectors = bag_of_words_encoder(list(problems)).numpy()
+    # numpy's product on purpose: torch's breaks the many near-ties of bag-of-words cosines in another order, which
+    # would change the math tasks' pairs.
+    similarity = torch.from_numpy(vectors @ vectors.T)  # [problems, problems]
+    values = torch.tensor(np.asarray(answers, dtype=np.float64))
+    same = (values[:, None] - values[None, :]).abs() <= tolerance  # includes the diagonal
+    picks = nearest_wrong(similarity, same)
+    return [float(values[row]) + 1.0 if pick is None else float(values[pick]) for row, pick in enumerate(picks)]
+
+
+def bag_of_words_encoder(texts: list[str]) -> torch.Tensor:
+    """Unit-length bag-of-words vectors [n, vocabulary] of texts (lower-case words, numbers and punctuation
+    dropped): an offline stand-in for a sentence encoder, used for math problems whose answers are numbers."""
+    words = [sorted(set(re.findall(r"[a-z]+", text.lower()))) for text in texts]
+    vocabulary = {w: i for i, w in enumerate(sorted({w for ws in words for w in ws}))}
+    vectors = np.zeros((len(texts), max(len(vocabulary), 1)), dtype=np.float32)
+    for row, ws in enumerate(words):
+        vectors[row, [vocabulary[w] for w in ws]] = 1.0
+    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return torch.from_numpy(vectors)
 
 
 def _unit_rows(embeddings: Any, expected_rows: int) -> torch.Tensor:

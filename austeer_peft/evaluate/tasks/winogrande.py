@@ -1,0 +1,72 @@
+"""WinoGrande 1.1 (Sakaguchi et al., 2020): fill the blank ``_`` of a sentence with one of two options.
+
+Prompt: the SADI code's template (:data:`WINOGRANDE_TEMPLATE`), as the data README gives it for the paper, whose
+Appendix B does not print it. Choices: ``" A"`` / ``" B"`` (option1 / option2), the letters that template asks for,
+rather than the option texts: the restricted first-token scoring needs the two choices to start with different
+tokens, which two option texts need not do (two names or nouns can share their first sub-word token).
+
+Splits: fit (1000, the paper's 1000 pairs) and validation (100) drawn disjointly, by a seeded permutation, from
+train_xl_first2000.jsonl (the first 2000 items of the ``winogrande_xl`` train split); test = the official dev set
+dev.jsonl (1267 items, the paper's test set). Train items come in twins (the same sentence with one word changed and
+the other answer), which a permutation may put on both sides of fit / validation; the test set is separate.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from datasets import Dataset
+
+from .base import PathLike, Task, check_sizes, data_file, pool_split, resolve_data_dir, select_rows, sizes_or_defaults
+
+WINOGRANDE_TEMPLATE = (
+    "Please fill in the blanks. Write A or B as the answer.\n\n"
+    "Sentence: {sentence}\nA. {option1}\nB. {option2}\nAnswer:"
+)
+WINOGRANDE_CHOICES = [" A", " B"]  # label 0 = option1, 1 = option2
+TRAIN_FILE = "train_xl_first2000.jsonl"
+TEST_FILE = "dev.jsonl"
+
+
+def read_winogrande(path: Path) -> list[dict]:
+    """Rows of one WinoGrande JSONL file (``{sentence, option1, option2, answer}``; ``answer`` is ``"1"`` / ``"2"``;
+    dev items also have ``qID``, used as the id)."""
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle):
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            missing = {"sentence", "option1", "option2", "answer"} - set(item)
+            if missing:
+                raise ValueError(f"{path}, line {number + 1}: a WinoGrande item needs {sorted(missing)}.")
+            answer = str(item["answer"]).strip()
+            if answer not in ("1", "2"):
+                raise ValueError(f"{path}, line {number + 1}: answer must be '1' or '2', got {item['answer']!r}.")
+            rows.append({
+                "id": str(item.get("qID") or f"{path.stem}-{number}"),
+                "prompt": WINOGRANDE_TEMPLATE.format(sentence=item["sentence"].strip(), option1=item["option1"],
+                                                     option2=item["option2"]),
+                "choices": list(WINOGRANDE_CHOICES),
+                "label": int(answer) - 1,
+            })
+    return rows
+
+
+def load_winogrande(data_dir: Optional[PathLike] = None, n_fit: Optional[int] = None,
+                    n_validation: Optional[int] = None, seed: int = 0) -> Task:
+    """WinoGrande: fit (1000) and validation (100) drawn disjointly from the 2000 train items, test = the official
+    dev set (1267)."""
+    folder = resolve_data_dir(data_dir) / "WinoGrande"
+    train = read_winogrande(data_file(folder, TRAIN_FILE))
+    test = read_winogrande(data_file(folder, TEST_FILE))
+    n_fit, n_validation = sizes_or_defaults(n_fit, n_validation, default_fit=1000)
+    check_sizes("winogrande", n_fit, n_validation, len(train), TRAIN_FILE)
+    fit_idx, val_idx, _ = pool_split(len(train), len(train), n_fit, n_validation, seed)
+    note = (f"WinoGrande: fit {len(fit_idx)} + validation {len(val_idx)} drawn disjointly from {TRAIN_FILE} "
+            f"({len(train)} winogrande_xl train items) with seed {seed}; test = the official dev set {TEST_FILE} "
+            f"({len(test)}).")
+    return Task("winogrande", "choice", select_rows(train, fit_idx), select_rows(train, val_idx),
+                Dataset.from_list(test), choices=list(WINOGRANDE_CHOICES), split_note=note, seed=seed)
