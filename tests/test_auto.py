@@ -71,9 +71,11 @@ def test_choice_is_the_best_cell_over_folds_and_uses_one_momentum_pass(monkeypat
     assert len(choice.cells) == 6 and choice.num_heldout == 10
     best = max(choice.cells, key=lambda cell: cell[2])
     assert (choice.k, choice.alpha, choice.score) == best and choice.criterion == "preference"
-    # The model is left steered with the chosen cell, selected from the counts of all pairs.
-    assert [(a.module, a.dim) for a in peft_model.get_aus()] == \
-        [(a.module, a.dim) for a in sorted(scores.select(choice.k, choice.alpha))]
+    # The model is left steered with the chosen cell, selected from the counts of all pairs, when it passed the
+    # no-harm check on the held-out pairs; otherwise with nothing.
+    expected = sorted(scores.select(choice.k, choice.alpha)) if choice.shipped else []
+    assert [(a.module, a.dim) for a in peft_model.get_aus()] == [(a.module, a.dim) for a in expected]
+    assert choice.selection.num_examples == 10 and choice.selection.folds == 5
     # Every cell's held-out margins are kept: each fold scored under the steer counted without it.
     assert sorted(choice.heldout_margins) == sorted((k, a) for k in (1, 4, 16) for a in (1.0, 10.0))
     base = peft_model.unload()
@@ -209,9 +211,11 @@ def test_fit_with_auto_k_and_alpha_keeps_the_counts_of_all_pairs_and_the_choice(
     assert result.scores.num_pairs == 40 and result.auto.num_heldout == 40  # every pair held out, one at a time
     assert len(result.auto.cells) == 4 * 5  # the automatic grid: k in 1, 4, 16, 64 and α in 5, 10, 20, 50, 100
     assert result.auto.criterion == "accuracy" and result.auto.score == result.auto.accuracy  # the default
-    config = result.peft_model.peft_config["default"]
-    assert (config.k, config.alpha) == (result.auto.k, result.auto.alpha)
-    assert len(result.peft_model.get_aus()) == result.auto.k
+    if result.auto.shipped:
+        config = result.peft_model.peft_config["default"]
+        assert (config.k, config.alpha) == (result.auto.k, result.auto.alpha)
+    assert len(result.peft_model.get_aus()) == (result.auto.k if result.auto.shipped else 0)
+    assert result.auto.selection.num_examples == 40
     # The folds were counted one by one, and their sum is the one pass over all pairs.
     whole = compute_momentum(result.peft_model, tokenizer, pairs, sites=["attention", "ffn"], progress=False)
     assert whole.num_pairs == result.scores.num_pairs

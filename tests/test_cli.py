@@ -218,8 +218,10 @@ SLICE = ["--task", "sst2", "--n-fit", "16", "--n-validation", "16", "--n-test", 
 def test_sweep_fit_eval_end_to_end_on_a_real_task_slice(tmp_path, capsys):
     model = str(real_task_model_folder(tmp_path / "model"))
     out = tmp_path / "sweep"
+    # The old rule (the most accurate cell, unchecked) so that every method ships and the files can be compared;
+    # the guarded default is tested in tests/test_sweep.py.
     assert main(["sweep", "--model", model, *SLICE, "--ks", "1", "4", "--alphas", "5", "50",
-                 "--output", str(out)]) == 0
+                 "--selection", "most-accurate", "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     for method in ("vanilla", "AUSteer-attention", "AUSteer-ffn", "block-level", "CAA"):
         assert method in printed
@@ -247,7 +249,8 @@ def test_sweep_fit_eval_end_to_end_on_a_real_task_slice(tmp_path, capsys):
 
     # `austeer fit` with the sweep's best (k, α) on the same pairs gives the same AUs.
     assert main(["fit", "--model", model, *SLICE, "--sites", "ffn", "--k", str(ffn["settings"]["k"]),
-                 "--alpha", str(ffn["settings"]["alpha"]), "--output", str(tmp_path / "fit")]) == 0
+                 "--alpha", str(ffn["settings"]["alpha"]), "--selection", "most-accurate",
+                 "--output", str(tmp_path / "fit")]) == 0
     fitted = json.loads((tmp_path / "fit" / "results.json").read_text())
     swept = json.loads((out / "adapters" / "austeer_ffn" / "adapter_config.json").read_text())
     assert fitted["num_pairs"] == 16 and fitted["adapter_bytes"] > 0

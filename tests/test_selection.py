@@ -73,7 +73,11 @@ def test_bad_input_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="folds"):
         guarded_choice([Candidate("a", [True] * 10, (0,))], [False] * 10, folds=1)
     with pytest.raises(ValueError, match="larger validation split"):
-        guarded_choice([Candidate("a", [True] * 3, (0,))], [False] * 3)
+        guarded_choice([Candidate("a", [True], (0,))], [False])
+    # Fewer examples than folds: one example per fold; four wins cannot reach p < 0.05 (1/16), five can (1/32).
+    assert guarded_choice([Candidate("a", [True] * 4, (0,))], [False] * 4).folds == 4
+    assert not guarded_choice([Candidate("a", [True] * 4, (0,))], [False] * 4).shipped
+    assert guarded_choice([Candidate("a", [True] * 5, (0,))], [False] * 5).shipped
     with pytest.raises(ValueError, match="at least one"):
         guarded_choice([], [True])
 
@@ -85,3 +89,19 @@ def test_paired_gain_interval_brackets_the_mean_gain():
     gain, low, high = paired_gain_ci(steered, vanilla)
     assert gain == pytest.approx(30 / 300) and low < gain < high and low > 0
     assert paired_gain_ci(vanilla, vanilla) == (0.0, 0.0, 0.0)
+
+
+def test_a_given_choice_rule_is_checked_out_of_fold():
+    """``choose`` replaces the one-standard-error step (the automatic (k, α) passes its criterion): the check scores
+    what that rule picks without each fold."""
+    rng = np.random.default_rng(3)
+    vanilla = (rng.random(100) < 0.5).tolist()
+    good, bad = Candidate("good", flips(vanilla, 30, 0, rng), (1,)), Candidate("bad", flips(vanilla, 0, 30, rng), (0,))
+    seen = []
+
+    def always(name):
+        return lambda rows: seen.append(len(rows)) or name
+
+    assert guarded_choice([good, bad], vanilla, choose=always("good")).chosen == "good"
+    assert sorted(set(seen)) == [80, 100]  # four fifths of the examples per fold, then all of them
+    assert not guarded_choice([good, bad], vanilla, choose=always("bad")).shipped

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import json
@@ -13,7 +14,7 @@ from conftest import tiny_model
 from peft import PeftModel
 from test_fit import char_tokenizer
 
-from austeer_peft import AU, compute_momentum
+from austeer_peft import AU, compute_momentum, fit_austeer
 from austeer_peft.fitting import fit as fit_module
 from austeer_peft.evaluate.baselines import block_level_aus, caa_layers, caa_steering, caa_vectors
 from austeer_peft.evaluate.compare import compare_methods
@@ -323,3 +324,20 @@ def test_a_planted_effect_ships_the_steer_that_carries_it():
     with peft_model.disable_adapter():
         vanilla_test = evaluate_split(peft_model, tokenizer, task, "test").accuracy
     assert evaluate_split(peft_model, tokenizer, task, "test").accuracy > vanilla_test
+
+
+def test_the_fit_command_writes_no_steer_that_does_not_beat_vanilla_on_validation():
+    """`austeer fit`'s check: on a task where the plain model is always right, the fitted steer is removed (the
+    command then writes no adapter); asked for the old rule, it is kept."""
+    from austeer_peft.cli.fit import check_on_validation
+
+    tokenizer = char_tokenizer()
+    model, task = labelled_by(tiny_model("llama"), tokenizer, toy_task(n=120, n_test=30, n_validation=60))
+    result = fit_austeer(model, tokenizer, task.pairs("fit"), sites=SITES, k=64, alpha=20.0, progress=False)
+    fitted = result.peft_model.get_aus()
+    kept = check_on_validation(result, tokenizer, task, argparse.Namespace(scoring=None, batch_size=16,
+                                                                           selection="most-accurate"))
+    assert kept.shipped and result.peft_model.get_aus() == fitted and "unchecked" in kept.note
+    check = check_on_validation(result, tokenizer, task, argparse.Namespace(scoring=None, batch_size=16,
+                                                                            selection="guarded"))
+    assert not check.shipped and "no steer beats vanilla" in check.note and result.peft_model.get_aus() == []

@@ -43,12 +43,12 @@ def _assert_disjoint(task):
 @pytest.mark.parametrize(
     "name, kind, sizes",
     [
-        ("copa", "choice", {"fit": 400, "validation": 100, "test": 500}),
-        ("boolq", "choice", {"fit": 900, "validation": 100, "test": 2270}),
-        ("sst2", "choice", {"fit": 500, "validation": 100, "test": 872}),
-        ("svamp", "generation", {"fit": 600, "validation": 100, "test": 300}),
-        ("mawps", "generation", {"fit": 1000, "validation": 100, "test": 384}),
-        ("winogrande", "choice", {"fit": 1000, "validation": 100, "test": 1267}),
+        ("copa", "choice", {"fit": 300, "validation": 200, "test": 500}),
+        ("boolq", "choice", {"fit": 800, "validation": 200, "test": 2270}),
+        ("sst2", "choice", {"fit": 500, "validation": 200, "test": 872}),
+        ("svamp", "generation", {"fit": 500, "validation": 200, "test": 300}),
+        ("mawps", "generation", {"fit": 1000, "validation": 200, "test": 384}),
+        ("winogrande", "choice", {"fit": 1000, "validation": 200, "test": 1267}),
     ],
 )
 def test_default_split_sizes_and_disjoint(loaded, name, kind, sizes):
@@ -291,7 +291,7 @@ def test_default_data_dir_is_next_to_the_repository(tmp_path, monkeypatch):
 def test_choice_pairs(loaded):
     task = loaded["copa"]
     pairs = task.pairs("fit")
-    assert len(pairs) == 400
+    assert len(pairs) == 300
     for pair, row in zip(pairs, task.fit):
         prompt, chosen, rejected = pair
         assert prompt == row["prompt"]

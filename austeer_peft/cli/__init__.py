@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from importlib.metadata import version
 from typing import Optional
 
 from . import evaluate_cmd, fit, inspect, merge, push, sweep
@@ -66,9 +67,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _version() -> str:
-    from .. import __version__
-
-    return __version__
+    return version("austeer-peft")
 
 
 __all__ = ["COMMANDS", "Command", "CommandError", "DESCRIPTION", "build_parser", "main", "register_command"]

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from ..evaluate.runner import SCORINGS
 from ..evaluate.tasks import TASK_NAMES, load_task, load_user_task
+from ..fitting.selection import SELECTION_RULES
 from ..hub.models import DEFAULT_MODEL, MODEL_ALIASES, load_model
 from ..tuner.config import AUSteerConfig
 from ..tuner.sites import SITES
@@ -47,7 +48,7 @@ def add_model_and_task_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--label-column", default="label", help="with --data --choices: the correct choice's column")
     group.add_argument("--answer-column", help="with --data: a numeric answer column (generation task)")
     group.add_argument("--n-fit", type=int, help="examples to fit on (default: the task's)")
-    group.add_argument("--n-validation", type=int, help="examples to pick settings on (default: the task's, <= 100)")
+    group.add_argument("--n-validation", type=int, help="examples to pick settings on (default: the task's, <= 200)")
     group.add_argument("--n-test", type=int, help="score only the first N test examples (default: all)")
     group.add_argument("--seed", type=int, default=0, help="seed of the splits (default: 0)")
     group.add_argument("--scoring", choices=list(SCORINGS),
@@ -107,3 +108,10 @@ def output_folder(path: Path, force: bool) -> Path:
 def is_main_process() -> bool:
     """False on every process but rank 0 under torch.distributed (torchrun), so that one process writes."""
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def add_selection_argument(group) -> None:
+    """``--selection``: the guarded rule (default) or the most accurate setting, unchecked."""
+    group.add_argument("--selection", default=SELECTION_RULES[0], choices=SELECTION_RULES,
+                       help="which steer ships: 'guarded' (default: the simplest setting near the best on validation, "
+                            "only if it beats vanilla out of fold, else no steer) or 'most-accurate' (unchecked)")

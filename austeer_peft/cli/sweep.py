@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 
-from ..evaluate.compare import compare_methods
+from ..evaluate.compare import DEFAULT_SITES, compare_methods
 from ..evaluate.sweep import DEFAULT_ALPHAS, DEFAULT_KS
 from .arguments import (
     add_model_and_task_arguments,
+    add_selection_argument,
     add_output_arguments,
     add_sites_argument,
     load_model_from_args,
@@ -24,13 +25,14 @@ from .command import Command
 def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_and_task_arguments(parser)
     group = parser.add_argument_group("sweep")
-    add_sites_argument(group, ["attention", "ffn"],
-                       "one AUSteer method per site, all from one momentum pass (default: attention ffn)")
+    add_sites_argument(group, list(DEFAULT_SITES), "one AUSteer method per site, all from one momentum pass "
+                                                   f"(default: {' '.join(DEFAULT_SITES)})")
     group.add_argument("--ks", nargs="+", type=int, default=list(DEFAULT_KS), help="k grid (default: %(default)s)")
     group.add_argument("--alphas", nargs="+", type=float, default=list(DEFAULT_ALPHAS),
                        help="α grid (default: %(default)s)")
     group.add_argument("--baselines", nargs="*", default=["block", "caa"], choices=["block", "caa"],
                        help="baselines in the same harness (default: block caa; none: --baselines)")
+    add_selection_argument(group)
     add_output_arguments(parser, "folder for results.json, sweep.csv, scores.safetensors, adapters/ and the figures")
 
 
@@ -41,7 +43,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     print(f"{task.name}: {task.sizes}. {task.split_note}")
     comparison = compare_methods(model, tokenizer, task, sites=args.sites, ks=args.ks, alphas=args.alphas,
                                  baselines=args.baselines, scoring=args.scoring, batch_size=args.batch_size,
-                                 output_dir=output)
+                                 output_dir=output, selection=args.selection)
     print(comparison.format_table())
     print(f"Done in {comparison.seconds:.0f} s; outputs in {output}.")
     return 0
@@ -50,8 +52,10 @@ def run_sweep(args: argparse.Namespace) -> int:
 COMMAND = Command(
     "sweep", "fit, sweep (k, α) on validation, test once; AUSteer per site next to vanilla, block-level and CAA",
     "The full evaluation of AUSteer on a task. One momentum pass over the fit split covers all --sites;\n"
-    "for each site every (k, α) cell of the grid is scored on the validation split (no refit per cell)\n"
-    "and the best cell is scored once on the test split. The baselines run in the same harness on the same\n"
+    "for each site every (k, α) cell of the grid is scored on the validation split (no refit per cell);\n"
+    "the simplest cell within one standard error of the best ships if, chosen without each validation fold,\n"
+    "it beats vanilla on that fold (else no steer ships), and it is scored once on the test split. The\n"
+    "baselines run in the same harness on the same\n"
     "splits: block-level steering (every dimension of the blocks AUSteer chose, α swept) and CAA (mean\n"
     "residual difference at one layer, layer and multiplier swept). Prints the table and writes\n"
     "results.json, sweep.csv, scores.safetensors, adapters/, heatmap_<site>.png and au_locations.png.\n\n"

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .baselines import CAA_MULTIPLIERS, block_level_aus, caa_layers, caa_steering, caa_vectors
 from .runner import SplitResult, evaluate_split
 from .scoring import bootstrap_ci, paired_test
-from ..fitting.selection import NO_STEER_NOTE, Selection, paired_gain_ci
+from ..fitting.selection import NO_STEER_NOTE, SELECTION_RULES, Selection, paired_gain_ci
 from .tasks import Task
 from ..fitting.fit import compute_momentum
 from ..fitting.inputs import unsteered
@@ -40,6 +40,7 @@ from .sweep import DEFAULT_ALPHAS, DEFAULT_KS, SweepCell, SweepResult, scores_fo
 from .sweep import sweep_k_alpha, write_sweep_csv
 
 BASELINES = ("block", "caa")
+DEFAULT_SITES = ("attention", "ffn")
 
 
 @dataclass
@@ -134,7 +135,7 @@ def compare_methods(
     tokenizer: Any,
     task: Task,
     *,
-    sites: Sequence[str] = ("attention", "ffn"),
+    sites: Sequence[str] = DEFAULT_SITES,
     ks: Sequence[int] = DEFAULT_KS,
     alphas: Sequence[float] = DEFAULT_ALPHAS,
     baselines: Sequence[str] = BASELINES,
@@ -143,12 +144,16 @@ def compare_methods(
     batch_size: int = 16,
     output_dir: Optional[Union[str, Path]] = None,
     progress: bool = True,
+    selection: str = "guarded",
 ) -> Comparison:
     """Fit, sweep on ``task.validation``, test once on ``task.test``: vanilla, AUSteer per site, then baselines.
 
-    ``model`` is a plain transformers model; it comes back wrapped (a PeftModel holding one adapter per AUSteer
+    ``selection="most-accurate"`` ships every method's most accurate cell unchecked (the rule before the guarded one;
+    for comparisons). ``model`` is a plain transformers model; it comes back wrapped (a PeftModel holding one adapter per AUSteer
     method and ``block_level``), as with ``get_peft_model``.
     """
+    if selection not in SELECTION_RULES:
+        raise ValueError(f"Unknown selection {selection!r}; choose from {list(SELECTION_RULES)}.")
     unknown = [name for name in baselines if name not in BASELINES]
     if unknown:
         raise ValueError(f"Unknown baselines {unknown}; choose from {list(BASELINES)}.")
@@ -176,7 +181,8 @@ def compare_methods(
         name = f"austeer_{site}"
         sweep, peft_model = sweep_k_alpha(peft_model, tokenizer, scores_for_sites(scores, site), task, "validation",
                                           ks, alphas, scoring=scoring, batch_size=batch_size, adapter_name=name,
-                                          method=f"AUSteer-{site}", vanilla=vanilla_validation, progress=progress)
+                                          method=f"AUSteer-{site}", vanilla=vanilla_validation, progress=progress,
+                                          selection=selection)
         sweeps.append(sweep)
         methods.append(_method_result(sweep, lambda: evaluate(peft_model, "test"), vanilla_test,
                                       lambda: _adapter_bytes(peft_model, name, output), fit_seconds,
@@ -194,7 +200,8 @@ def compare_methods(
         cells = [(len(aus), alpha, aus) for _, alpha, aus in cells]
         block_sweep, peft_model = sweep_aus(peft_model, tokenizer, task, cells, "validation",
                                             adapter_name="block_level", method="block-level", scoring=scoring,
-                                            batch_size=batch_size, vanilla=vanilla_validation, progress=progress)
+                                            batch_size=batch_size, vanilla=vanilla_validation, progress=progress,
+                                            selection=selection)
         sweeps.append(block_sweep)
         methods.append(_method_result(block_sweep, lambda: evaluate(peft_model, "test"), vanilla_test,
                                       lambda: _adapter_bytes(peft_model, "block_level", output), fit_seconds,
@@ -202,7 +209,7 @@ def compare_methods(
 
     if "caa" in baselines:
         methods.append(_caa(peft_model, tokenizer, task, pairs, caa_multipliers, evaluate, sweeps, vanilla_validation,
-                            vanilla_test, scoring, batch_size, output, progress))
+                            vanilla_test, scoring, batch_size, output, progress, selection))
 
     comparison = Comparison(task.name, task.split_note, vanilla_test.scoring, task.sizes, methods, sweeps,
                             time.perf_counter() - started, task.choices)
@@ -212,7 +219,7 @@ def compare_methods(
 
 
 def _caa(model, tokenizer, task, pairs, multipliers, evaluate, sweeps, vanilla_validation, vanilla_test, scoring,
-         batch_size, output, progress) -> MethodResult:
+         batch_size, output, progress, selection) -> MethodResult:
     """CAA: one pass for the vectors of all layers, a (layer, multiplier) sweep on validation, one test run."""
     disabled = unsteered(model)
     fit_started = time.perf_counter()
@@ -228,7 +235,7 @@ def _caa(model, tokenizer, task, pairs, multipliers, evaluate, sweeps, vanilla_v
         sweep = SweepResult("CAA", cells, vanilla_validation, vanilla_validation.scoring,
                             len(vanilla_validation.correct), time.perf_counter() - fit_started - fit_seconds,
                             axes=("layer", "multiplier"))
-        select_cell(sweep, cost=lambda cell: (cell.alpha, cell.k))  # simplest: the weaker multiplier
+        select_cell(sweep, cost=lambda cell: (cell.alpha, cell.k), rule=selection)  # simplest: the weaker multiplier
         chosen = sweep.chosen
         if chosen is not None:
             with caa_steering(model, chosen.k, vectors.vectors[chosen.k], chosen.alpha):

@@ -82,13 +82,14 @@ class SweepResult:
                  "most_accurate": cell is best, "shipped": cell is chosen} for cell in self.cells]
 
 
-def select_cell(sweep: SweepResult, cost=lambda cell: (cell.num_aus, cell.alpha)) -> Selection:
-    """Decide which cell of ``sweep`` ships (or none) by the guarded rule, and record it on the sweep. ``cost`` orders
-    the cells from simplest: fewer steered activations, then the smaller strength."""
+def select_cell(sweep: SweepResult, cost=lambda cell: (cell.num_aus, cell.alpha), rule: str = "guarded") -> Selection:
+    """Decide which cell of ``sweep`` ships (or none) by ``rule`` (see :func:`~austeer_peft.fitting.selection.
+    guarded_choice`), and record it on the sweep. ``cost`` orders the cells from simplest: fewer steered
+    activations, then the smaller strength."""
     if sweep.vanilla is None:
         raise ValueError(f"Sweep {sweep.method!r} has no vanilla result to compare with.")
     candidates = [Candidate((cell.k, cell.alpha), cell.correct, cost(cell)) for cell in sweep.cells]
-    sweep.selection = guarded_choice(candidates, sweep.vanilla.correct)
+    sweep.selection = guarded_choice(candidates, sweep.vanilla.correct, rule=rule)
     return sweep.selection
 
 
@@ -107,6 +108,7 @@ def sweep_k_alpha(
     method: str = "austeer",
     vanilla: Optional[SplitResult] = None,
     progress: bool = True,
+    selection: str = "guarded",
 ):
     """Score every (k, α) cell on ``split`` and leave the cell that ships set on the returned PeftModel (no AUs when
     none ships: ``sweep.chosen`` is then None).
@@ -122,7 +124,7 @@ def sweep_k_alpha(
     cells = [(k, alpha, scores.select(k, alpha)) for k in ks for alpha in alphas]
     peft_model = scores.to_adapter(ks[0], alphas[0], model, adapter_name=adapter_name)
     return _sweep(peft_model, tokenizer, task, split, cells, adapter_name, method, scoring, batch_size, vanilla,
-                  progress)
+                  progress, selection)
 
 
 def sweep_aus(
@@ -138,14 +140,16 @@ def sweep_aus(
     batch_size: int = 16,
     vanilla: Optional[SplitResult] = None,
     progress: bool = True,
+    selection: str = "guarded",
 ):
     """Like :func:`sweep_k_alpha` for AU sets made by the caller (e.g. block-level steering): ``cells`` are
     ``(k, alpha, aus)``; ``peft_model`` already has the AUSteer adapter ``adapter_name``."""
     return _sweep(peft_model, tokenizer, task, split, list(cells), adapter_name, method, scoring, batch_size, vanilla,
-                  progress)
+                  progress, selection)
 
 
-def _sweep(peft_model, tokenizer, task, split, cells, adapter_name, method, scoring, batch_size, vanilla, progress):
+def _sweep(peft_model, tokenizer, task, split, cells, adapter_name, method, scoring, batch_size, vanilla, progress,
+           selection):
     started = time.perf_counter()
     if vanilla is None:
         with unsteered(peft_model):
@@ -157,7 +161,7 @@ def _sweep(peft_model, tokenizer, task, split, cells, adapter_name, method, scor
         scored.append(SweepCell(k, alpha, result.accuracy, len(aus), result.correct))
     sweep = SweepResult(method, scored, vanilla, vanilla.scoring, len(vanilla.correct),
                         time.perf_counter() - started)
-    select_cell(sweep)
+    select_cell(sweep, rule=selection)
     chosen = sweep.chosen
     chosen_aus = [] if chosen is None else next(aus for k, alpha, aus in cells if (k, alpha) == (chosen.k, chosen.alpha))
     peft_model.set_aus(chosen_aus, adapter_name=adapter_name)

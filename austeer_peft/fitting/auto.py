@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 from . import inputs
 from .logprobs import continuation_logprobs, forward_logits
 from .scores import MomentumScores, check_alpha
+from .selection import Candidate, Selection, guarded_choice
 
 MAX_HELDOUT_PAIRS = 128  # every cell scores each held-out pair once, so this bounds the cost
 MIN_PAIRS_PER_SIDE = 8
@@ -74,6 +75,11 @@ class AutoChoice:
     num_heldout: int
     heldout_margins: dict[tuple[int, float], list[float]]
     vanilla_margins: list[float]
+    selection: Optional[Selection] = None  # whether (k, α) shipped: the no-harm check on the held-out pairs
+
+    @property
+    def shipped(self) -> bool:
+        return self.selection is None or self.selection.shipped
 
     @property
     def score(self) -> float:
@@ -223,11 +229,21 @@ def choose_k_alpha(model: nn.Module, tokenizer: Any, scores: MomentumScores,
                          disable=not progress):
         margins[k, alpha] = margins_of(lambda fold_scores: fold_scores.select(k, alpha))
     k, alpha = best_cell(margins, criterion)
-    peft_model.set_aus(scores.select(k, alpha), adapter_name=adapter_name)
-    config = peft_model.peft_config[adapter_name]
-    config.k, config.alpha = k, alpha
+    # No harm: the criterion's choice ships only if, made without each fold of held-out pairs in turn, it gets more
+    # of that fold's pairs right than the unsteered model (austeer_peft.fitting.selection).
+    selection = guarded_choice(
+        [Candidate(cell, (m > 0).tolist(), cell) for cell, m in margins.items()], (vanilla > 0).tolist(),
+        choose=lambda rows: best_cell({cell: m[torch.as_tensor(rows)] for cell, m in margins.items()}, criterion))
+    if selection.shipped:
+        peft_model.set_aus(scores.select(k, alpha), adapter_name=adapter_name)
+        config = peft_model.peft_config[adapter_name]
+        config.k, config.alpha = k, alpha
+    else:
+        peft_model.set_aus([], adapter_name=adapter_name)
+        warnings.warn(f"Automatic (k, α): {selection.note}; the adapter steers nothing. The held-out pairs' "
+                      "margins of every cell are in FitResult.auto.", stacklevel=3)
     choice = AutoChoice(k, alpha, criterion, len(vanilla), {cell: m.tolist() for cell, m in margins.items()},
-                        vanilla.tolist())
+                        vanilla.tolist(), selection)
     return choice, peft_model
 
 

@@ -16,14 +16,17 @@ from __future__ import annotations
 import contextlib
 import functools
 import operator
+import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..hub.export import save_adapter
 from ..tuner.config import AUSteerConfig
 from ..tuner.sites import candidate_modules
 from . import inputs
@@ -43,6 +46,11 @@ class FitResult:
     peft_model: Any  # peft.PeftModel
     scores: MomentumScores
     auto: Optional[Any] = None  # austeer_peft.fitting.auto.AutoChoice when k or alpha was "auto"
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs) -> Path:
+        """Save the adapter with its AUSteer model card (``austeer_peft.save_adapter``; ``kwargs`` go to
+        ``save_pretrained``, e.g. ``is_main_process``). ``peft_model.save_pretrained`` writes PEFT's generic card."""
+        return save_adapter(self.peft_model, save_directory, **kwargs)
 
 
 def fit_austeer(

@@ -25,8 +25,9 @@ on every example.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -61,6 +62,7 @@ class Selection:
     p_value: float  # step 2: one-sided exact sign test of wins against losses
     folds: int
     level: float
+    rule: str = "guarded"  # "most-accurate": the old rule, asked for explicitly; the checks above are then reported only
 
     @property
     def shipped(self) -> bool:
@@ -68,6 +70,10 @@ class Selection:
 
     @property
     def note(self) -> str:
+        if self.rule == "most-accurate":
+            return (f"shipped unchecked (selection='most-accurate'): the guarded rule would "
+                    f"{'also ship a steer' if self.p_value < self.level else 'ship no steer'} (out-of-fold gain "
+                    f"{100 * self.out_of_fold_gain:+.1f} points, p = {self.p_value:.2g})")
         if self.shipped:
             return (f"shipped: out-of-fold gain {100 * self.out_of_fold_gain:+.1f} points over vanilla "
                     f"({self.wins} wins, {self.losses} losses, p = {self.p_value:.2g} < {self.level})")
@@ -78,12 +84,25 @@ class Selection:
         return {"shipped": self.shipped, "chosen": self.chosen, "most_accurate": self.most_accurate,
                 "num_examples": self.num_examples, "gain": round(self.gain, 6),
                 "out_of_fold_gain": round(self.out_of_fold_gain, 6), "wins": self.wins, "losses": self.losses,
-                "p_value": self.p_value, "folds": self.folds, "level": self.level, "note": self.note}
+                "p_value": self.p_value, "folds": self.folds, "level": self.level, "rule": self.rule,
+                "note": self.note}
 
 
-def guarded_choice(candidates: Sequence[Candidate], vanilla: Sequence[bool], *, folds: int = SELECTION_FOLDS,
-                   level: float = SELECTION_LEVEL, seed: int = 0) -> Selection:
-    """Apply the rule of this module to ``candidates`` scored on the same examples as ``vanilla``."""
+SELECTION_RULES = ("guarded", "most-accurate")
+
+
+def guarded_choice(candidates: Sequence[Candidate], vanilla: Sequence[bool], *,
+                   choose: Optional[Callable[[np.ndarray], Optional[Hashable]]] = None, folds: int = SELECTION_FOLDS,
+                   level: float = SELECTION_LEVEL, seed: int = 0, rule: str = "guarded") -> Selection:
+    """Apply the rule of this module to ``candidates`` scored on the same examples as ``vanilla``.
+
+    ``choose`` replaces step 1: given example indices it returns the key of the cell it would pick from those
+    examples alone (or None). The automatic (k, α) passes its own criterion here, so step 2 checks that criterion.
+    ``rule="most-accurate"`` ships the most accurate cell whatever the checks say (the rule before this module, for
+    comparisons and tests); the checks are still computed and reported."""
+    if rule not in SELECTION_RULES:
+        raise ValueError(f"Unknown selection rule {rule!r}; choose 'guarded' (the default: no steer unless it beats "
+                         "vanilla out of fold) or 'most-accurate' (the most accurate cell, unchecked).")
     if not candidates:
         raise ValueError("guarded_choice needs at least one candidate cell.")
     if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
@@ -98,27 +117,33 @@ def guarded_choice(candidates: Sequence[Candidate], vanilla: Sequence[bool], *, 
             raise ValueError(f"Cell {candidate.key!r} has {right.size} results but vanilla has {base.size}; score "
                              "every cell on the same examples.")
         diffs[candidate.key] = right - base  # [n] in {-1, 0, 1}
-    if base.size < folds:
-        raise ValueError(f"{base.size} examples cannot be split into {folds} folds; use a larger validation split.")
+    if base.size < 2:
+        raise ValueError(f"{base.size} example(s) cannot show that a steer beats vanilla; use a larger validation "
+                         "split (hundreds of examples where the data allow).")
+    folds = min(folds, int(base.size))  # fewer examples than folds: one example per fold
 
     order = sorted(candidates, key=lambda c: c.cost)  # simplest first
+    if choose is None:
+        choose = functools.partial(one_standard_error_choice, order, diffs)
     everything = np.arange(base.size)
-    chosen = one_standard_error_choice(order, diffs, everything)
+    chosen = choose(everything)
 
     held_out = np.zeros(base.size, dtype=np.int8)  # out-of-fold paired differences
     permutation = np.random.default_rng(seed).permutation(base.size)
     for fold in np.array_split(permutation, folds):
         inner = np.setdiff1d(everything, fold)
-        fold_choice = one_standard_error_choice(order, diffs, inner)
+        fold_choice = choose(inner)
         if fold_choice is not None:
             held_out[fold] = diffs[fold_choice][fold]
     wins, losses = int((held_out > 0).sum()), int((held_out < 0).sum())
     p_value = sign_test_greater(wins, losses)
-    ships = chosen is not None and p_value < level
-    most_accurate = max(order, key=lambda c: (int(diffs[c.key].sum()), -order.index(c))).key
-    return Selection(chosen if ships else None, most_accurate, int(base.size),
-                     float(diffs[chosen].mean()) if ships else 0.0, float(held_out.mean()), wins, losses, p_value,
-                     folds, level)
+    most_accurate = max(enumerate(order), key=lambda item: (int(diffs[item[1].key].sum()), -item[0]))[1].key
+    if rule == "most-accurate":
+        chosen = most_accurate
+    elif chosen is not None and p_value >= level:
+        chosen = None
+    return Selection(chosen, most_accurate, int(base.size), 0.0 if chosen is None else float(diffs[chosen].mean()),
+                     float(held_out.mean()), wins, losses, p_value, folds, level, rule)
 
 
 def one_standard_error_choice(order: Sequence[Candidate], diffs: dict, rows: np.ndarray) -> Optional[Hashable]:

@@ -14,14 +14,14 @@ Split sizes (seed 0 unless told otherwise; the test split never depends on ``n_f
 ==========  ==========================================  ===================================  =========================
 task        fit (default)                                validation (default)                 test
 ==========  ==========================================  ===================================  =========================
-copa        400 of copa-dev.xml                          100 of copa-dev.xml (disjoint)       copa-test.xml, 500
-boolq       900 of the first 1000 of a seeded            100 of that same 1000 (disjoint)     the other 2270 of
+copa        300 of copa-dev.xml                          200 of copa-dev.xml (disjoint)       copa-test.xml, 500
+boolq       800 of the first 1000 of a seeded            200 of that same 1000 (disjoint)     the other 2270 of
             permutation of val.jsonl                                                          val.jsonl
-winogrande  1000 of train_xl_first2000.jsonl             100 of the same 2000 (disjoint)      dev.jsonl, 1267
-sst2        500 sampled from train.tsv                   100 more from train.tsv (disjoint)   dev.tsv, 872
-svamp       600 of the first 700 of a seeded             100 of that same 700 (disjoint)      the other 300
+winogrande  1000 of train_xl_first2000.jsonl             200 of the same 2000 (disjoint)      dev.jsonl, 1267
+sst2        500 sampled from train.tsv                   200 more from train.tsv (disjoint)   dev.tsv, 872
+svamp       500 of the first 700 of a seeded             200 of that same 700 (disjoint)      the other 300
             permutation of SVAMP.json                                                         (as the paper's Table 6)
-mawps       1000 of fold0_train.csv                      100 of fold0_train.csv (disjoint)    fold0_dev.csv, 384
+mawps       1000 of fold0_train.csv                      200 of fold0_train.csv (disjoint)    fold0_dev.csv, 384
 ==========  ==========================================  ===================================  =========================
 
 Within a held-out pool the validation examples come first in the permutation and the fit examples after them, so
@@ -66,7 +66,7 @@ def load_task(name: str, data_dir: Optional[PathLike] = None, n_fit: Optional[in
         ```py
         >>> task = load_task("copa")
         >>> task.sizes
-        {'fit': 400, 'validation': 100, 'test': 500}
+        {'fit': 300, 'validation': 200, 'test': 500}
         >>> prompt, chosen, rejected = task.pairs("fit")[0]
         ```
     """

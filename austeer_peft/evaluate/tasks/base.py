@@ -20,7 +20,7 @@ from datasets import Dataset
 from ...fitting.pairs import pairs_from_choices
 
 DATA_ENV_VAR = "AUSTEER_DATA"
-DEFAULT_N_VALIDATION = 100
+DEFAULT_N_VALIDATION = 200  # the selection rule needs hundreds of examples to tell a gain from noise
 # The repository root, the folder that holds the package: tasks/ < evaluate/ < austeer_peft/ < root.
 PACKAGE_PARENT = Path(__file__).resolve().parents[3]
 

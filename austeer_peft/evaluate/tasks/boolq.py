@@ -34,7 +34,7 @@ BOOLQ_POOL = 1000
 def load_boolq(data_dir: Optional[PathLike] = None, n_fit: Optional[int] = None, n_validation: Optional[int] = None,
                seed: int = 0) -> Task:
     """BoolQ: only the SuperGLUE validation file (3270) is offline, so it is split: the first 1000 of a seeded
-    permutation give fit (900) and validation (100), the other 2270 are the test split."""
+    permutation give fit (800) and validation (200), the other 2270 are the test split."""
     path = data_file(resolve_data_dir(data_dir), "BoolQ", "val.jsonl")
     raw = load_dataset("json", data_files=str(path), split="train")
     rows = []

@@ -43,7 +43,7 @@ def load_copa(data_dir: Optional[PathLike] = None, n_fit: Optional[int] = None, 
     folder = resolve_data_dir(data_dir) / "COPA"
     dev = read_copa(data_file(folder, "copa-dev.xml"))
     test = read_copa(data_file(folder, "copa-test.xml"))
-    n_fit, n_validation = sizes_or_defaults(n_fit, n_validation, default_fit=400)
+    n_fit, n_validation = sizes_or_defaults(n_fit, n_validation, default_fit=300)
     check_sizes("copa", n_fit, n_validation, len(dev), "copa-dev.xml")
     fit_idx, val_idx, _ = pool_split(len(dev), len(dev), n_fit, n_validation, seed)
     note = (f"COPA: fit {len(fit_idx)} + validation {len(val_idx)} drawn disjointly from copa-dev.xml (500) with "

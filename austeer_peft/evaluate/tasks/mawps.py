@@ -46,7 +46,7 @@ def read_mawps(path: Path) -> list[dict]:
 
 def load_mawps(data_dir: Optional[PathLike] = None, n_fit: Optional[int] = None, n_validation: Optional[int] = None,
                seed: int = 0) -> Task:
-    """MAWPS fold 0: fit (1000) and validation (100) drawn disjointly from fold0_train.csv (1537), test =
+    """MAWPS fold 0: fit (1000) and validation (200) drawn disjointly from fold0_train.csv (1537), test =
     fold0_dev.csv (384). Masked numbers are put back from the Numbers column."""
     folder = resolve_data_dir(data_dir) / "MAWPS"
     train = read_mawps(data_file(folder, "fold0_train.csv"))

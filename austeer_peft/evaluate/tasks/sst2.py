@@ -40,7 +40,7 @@ def read_sst2(path: Path) -> list[dict]:
 
 def load_sst2(data_dir: Optional[PathLike] = None, n_fit: Optional[int] = None, n_validation: Optional[int] = None,
               seed: int = 0) -> Task:
-    """SST-2: fit (500) and validation (100) sampled disjointly from train.tsv, test = dev.tsv (872)."""
+    """SST-2: fit (500) and validation (200) sampled disjointly from train.tsv, test = dev.tsv (872)."""
     folder = resolve_data_dir(data_dir) / "SST-2"
     train = read_sst2(data_file(folder, "train.tsv"))
     test = read_sst2(data_file(folder, "dev.tsv"))

@@ -19,7 +19,7 @@ SVAMP_POOL = 700  # the paper's 700 contrastive pairs; the other 300 are its tes
 
 def load_svamp(data_dir: Optional[PathLike] = None, n_fit: Optional[int] = None, n_validation: Optional[int] = None,
                seed: int = 0) -> Task:
-    """SVAMP (1000): the first 700 of a seeded permutation give fit (600) and validation (100), the other 300 are the
+    """SVAMP (1000): the first 700 of a seeded permutation give fit (500) and validation (200), the other 300 are the
     test split. The problem is ``Body + " " + Question`` (as the SVAMP authors join them)."""
     path = data_file(resolve_data_dir(data_dir), "SVAMP", "SVAMP.json")
     raw = load_dataset("json", data_files=str(path), split="train")

@@ -74,7 +74,7 @@ def load_user_task(
         problem_column: generation tasks: the column used to find similar problems for wrong answers (default: the
             filled prompt).
         n_fit, n_validation, n_test: sizes when ``data`` is split here. Defaults: test = half of the data, validation
-            = min(100, a fifth of the rest), fit = min(1000, what is left). The test split is taken first, so it does
+            = min(200, a fifth of the rest), fit = min(1000, what is left). The test split is taken first, so it does
             not change with ``n_fit`` / ``n_validation``.
         seed: seed of the split and of wrong-choice draws.
     """

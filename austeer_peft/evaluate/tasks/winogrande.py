@@ -5,7 +5,7 @@ Appendix B does not print it. Choices: ``" A"`` / ``" B"`` (option1 / option2), 
 rather than the option texts: the restricted first-token scoring needs the two choices to start with different
 tokens, which two option texts need not do (two names or nouns can share their first sub-word token).
 
-Splits: fit (1000, the paper's 1000 pairs) and validation (100) drawn disjointly, by a seeded permutation, from
+Splits: fit (1000, the paper's 1000 pairs) and validation (200) drawn disjointly, by a seeded permutation, from
 train_xl_first2000.jsonl (the first 2000 items of the ``winogrande_xl`` train split); test = the official dev set
 dev.jsonl (1267 items, the paper's test set). Train items come in twins (the same sentence with one word changed and
 the other answer), which a permutation may put on both sides of fit / validation; the test set is separate.
@@ -57,7 +57,7 @@ def read_winogrande(path: Path) -> list[dict]:
 
 def load_winogrande(data_dir: Optional[PathLike] = None, n_fit: Optional[int] = None,
                     n_validation: Optional[int] = None, seed: int = 0) -> Task:
-    """WinoGrande: fit (1000) and validation (100) drawn disjointly from the 2000 train items, test = the official
+    """WinoGrande: fit (1000) and validation (200) drawn disjointly from the 2000 train items, test = the official
     dev set (1267)."""
     folder = resolve_data_dir(data_dir) / "WinoGrande"
     train = read_winogrande(data_file(folder, TRAIN_FILE))
