@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import os
-import warnings
+import random
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 import austeer_peft  # noqa: F401  (registers the method)
+from austeer_peft import AUSteerConfig
+from austeer_peft.tuner.sites import base_named_modules, candidate_modules, unwrap
 
 hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
-warnings.filterwarnings("ignore", category=FutureWarning)
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt2"]
 DATA_DIR = Path(os.environ.get("AUSTEER_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -89,3 +91,128 @@ def quantized_copy(model, tmp_path, **bnb_kwargs):
     model.save_pretrained(tmp_path / "fp32")
     quantization = BitsAndBytesConfig(**bnb_kwargs)
     return AutoModelForCausalLM.from_pretrained(tmp_path / "fp32", quantization_config=quantization).eval()
+
+
+# ------------------------------------------------------------------ helpers shared by the test modules
+
+
+ALL_SITES = ["attention", "ffn", "ffn_inner", "residual"]
+
+
+def char_tokenizer(padding_side: str = "right") -> PreTrainedTokenizerFast:
+    """A character-level tokenizer that fits the tiny models' vocabulary of 101 (no special tokens added)."""
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for char in [chr(c) for c in range(32, 127)] + ["\n"]:
+        vocab.setdefault(char, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>", unk_token="<unk>", padding_side=padding_side)
+    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    return tokenizer
+
+
+def random_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Pairs of different lengths (so batches need padding) sharing a prompt and differing in the answer."""
+    rng = random.Random(seed)
+    words = ["cat", "dog", "sun", "red", "blue", "tree", "road", "sea", "hot", "cold", "yes", "no"]
+    pairs = []
+    for _ in range(n):
+        prompt = " ".join(rng.choice(words) for _ in range(rng.randint(1, 7))) + "? "
+        positive = prompt + rng.choice(words)
+        negative = prompt + " ".join(rng.choice(words) for _ in range(rng.randint(1, 3)))
+        pairs.append((positive, negative))
+    return pairs
+
+
+def brute_force_counts(model, tokenizer, pairs, sites) -> tuple[dict, dict]:
+    """Reference counts: one unpadded sequence at a time, full activations through plain hooks, a Python loop."""
+    candidates = candidate_modules(model, AUSteerConfig(sites=sites))
+    modules = base_named_modules(model)
+    seen = {}
+
+    def keep(name, tensor):
+        seen[name] = tensor[0, -1].clone()  # batch of one, last token
+
+    handles = []
+    for c in candidates:
+        if c.position == "input":
+            handles.append(modules[c.name].register_forward_pre_hook(lambda m, a, name=c.name: keep(name, a[0])))
+        else:
+            handles.append(modules[c.name].register_forward_hook(
+                lambda m, a, out, name=c.name: keep(name, out if torch.is_tensor(out) else out[0])))
+    n_pos = {c.name: [0] * c.width for c in candidates}
+    n_neg = {c.name: [0] * c.width for c in candidates}
+    try:
+        for positive, negative in pairs:
+            activations = []
+            for text in (positive, negative):
+                seen.clear()
+                with torch.no_grad():
+                    model(torch.tensor([tokenizer(text)["input_ids"]]))
+                activations.append(dict(seen))
+            for c in candidates:
+                for dim in range(c.width):
+                    x_pos, x_neg = activations[0][c.name][dim].item(), activations[1][c.name][dim].item()
+                    n_pos[c.name][dim] += x_pos > x_neg
+                    n_neg[c.name][dim] += x_pos < x_neg
+    finally:
+        for handle in handles:
+            handle.remove()
+    return ({k: torch.tensor(v) for k, v in n_pos.items()}, {k: torch.tensor(v) for k, v in n_neg.items()})
+
+
+MERGEABLE_SITES = ["attention", "ffn", "ffn_inner"]
+
+
+def spread_aus(model, sites, n, seed=0, gamma_range=(-0.9, 3.0)):
+    """n distinct AUs spread over all candidate modules of `sites`, with random γ."""
+    candidates = candidate_modules(model, AUSteerConfig(sites=sites))
+    generator = torch.Generator().manual_seed(seed)
+    everything = [(c.name, d) for c in candidates for d in range(c.width)]
+    chosen = torch.randperm(len(everything), generator=generator)[:n].tolist()
+    low, high = gamma_range
+    gammas = (torch.rand(n, generator=generator) * (high - low) + low).tolist()
+    return [(*everything[i], g) for i, g in zip(chosen, gammas)]
+
+
+def logits(model, input_ids):
+    with torch.no_grad():
+        return model(input_ids).logits
+
+
+def steered_and_plain(model, layer, input_ids):
+    """The activation an AUSteerLayer steers, with the adapter on and off: for input sites what the wrapped module
+    actually receives, for output sites what the wrapper hands on."""
+    seen = []
+    if layer.position == "input":
+        handle = unwrap(layer).register_forward_pre_hook(lambda m, args, kwargs: seen.append(
+            (args[0] if args else kwargs["hidden_states"]).clone()), with_kwargs=True)
+    else:
+        handle = layer.register_forward_hook(lambda m, args, out: seen.append(out.clone()))
+    with torch.no_grad():
+        model(input_ids)
+        with model.disable_adapter():
+            model(input_ids)
+    handle.remove()
+    return seen
+
+
+def assert_only_dim_scaled(steered, plain, dim, factor):
+    others = [d for d in range(steered.shape[-1]) if d != dim]
+    assert torch.equal(steered[..., others], plain[..., others])
+    torch.testing.assert_close(steered[..., dim], plain[..., dim] * factor, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(steered[..., dim], plain[..., dim])
+
+
+def assert_merge_exact_and_unmerge_restores(model, original, input_ids):
+    """merge_adapter matches the unmerged logits (≤ 1e-5); unmerge_adapter restores every weight bit-exactly."""
+    steered = logits(model, input_ids)
+    model.merge_adapter()
+    torch.testing.assert_close(logits(model, input_ids), steered, rtol=0, atol=1e-5)
+    model.unmerge_adapter()
+    for key, value in model.get_base_model().state_dict().items():
+        assert torch.equal(value, original[key.replace(".base_layer", "")]), key
+    assert torch.equal(logits(model, input_ids), steered)
+    return steered

@@ -7,13 +7,11 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import char_tokenizer, logits, random_pairs, tiny_model
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from test_core import logits
-from test_fit import char_tokenizer, random_pairs
 
 from austeer_peft import AUSteerConfig, AUSteerLayer, compute_momentum
 

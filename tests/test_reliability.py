@@ -7,9 +7,8 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import spread_aus, tiny_model
 from peft import get_peft_model
-from test_core import spread_aus
 
 from austeer_peft import AUSteerConfig, AUSteerLayer
 from austeer_peft.tuner.sites import SITES

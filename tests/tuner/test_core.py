@@ -8,66 +8,15 @@ import sys
 
 import pytest
 import torch
-from conftest import FAMILIES, tiny_model
+from conftest import (
+    FAMILIES, MERGEABLE_SITES, assert_merge_exact_and_unmerge_restores, assert_only_dim_scaled, logits, spread_aus,
+    steered_and_plain, tiny_model,
+)
 from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from austeer_peft import AUSteerConfig, AUSteerLayer
-from austeer_peft.tuner.sites import SITES, candidate_modules, unwrap
-
-MERGEABLE_SITES = ["attention", "ffn", "ffn_inner"]
-
-
-def spread_aus(model, sites, n, seed=0, gamma_range=(-0.9, 3.0)):
-    """n distinct AUs spread over all candidate modules of `sites`, with random γ."""
-    candidates = candidate_modules(model, AUSteerConfig(sites=sites))
-    generator = torch.Generator().manual_seed(seed)
-    everything = [(c.name, d) for c in candidates for d in range(c.width)]
-    chosen = torch.randperm(len(everything), generator=generator)[:n].tolist()
-    low, high = gamma_range
-    gammas = (torch.rand(n, generator=generator) * (high - low) + low).tolist()
-    return [(*everything[i], g) for i, g in zip(chosen, gammas)]
-
-
-def logits(model, input_ids):
-    with torch.no_grad():
-        return model(input_ids).logits
-
-
-def steered_and_plain(model, layer, input_ids):
-    """The activation an AUSteerLayer steers, with the adapter on and off: for input sites what the wrapped module
-    actually receives, for output sites what the wrapper hands on."""
-    seen = []
-    if layer.position == "input":
-        handle = unwrap(layer).register_forward_pre_hook(lambda m, args, kwargs: seen.append(
-            (args[0] if args else kwargs["hidden_states"]).clone()), with_kwargs=True)
-    else:
-        handle = layer.register_forward_hook(lambda m, args, out: seen.append(out.clone()))
-    with torch.no_grad():
-        model(input_ids)
-        with model.disable_adapter():
-            model(input_ids)
-    handle.remove()
-    return seen
-
-
-def assert_only_dim_scaled(steered, plain, dim, factor):
-    others = [d for d in range(steered.shape[-1]) if d != dim]
-    assert torch.equal(steered[..., others], plain[..., others])
-    torch.testing.assert_close(steered[..., dim], plain[..., dim] * factor, rtol=1e-6, atol=1e-7)
-    assert not torch.equal(steered[..., dim], plain[..., dim])
-
-
-def assert_merge_exact_and_unmerge_restores(model, original, input_ids):
-    """merge_adapter matches the unmerged logits (≤ 1e-5); unmerge_adapter restores every weight bit-exactly."""
-    steered = logits(model, input_ids)
-    model.merge_adapter()
-    torch.testing.assert_close(logits(model, input_ids), steered, rtol=0, atol=1e-5)
-    model.unmerge_adapter()
-    for key, value in model.get_base_model().state_dict().items():
-        assert torch.equal(value, original[key.replace(".base_layer", "")]), key
-    assert torch.equal(logits(model, input_ids), steered)
-    return steered
+from austeer_peft.tuner.sites import SITES, candidate_modules
 
 
 @pytest.mark.parametrize("site", list(SITES))

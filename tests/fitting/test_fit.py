@@ -11,82 +11,16 @@ import warnings
 
 import pytest
 import torch
-from conftest import DATA_DIR, tiny_model
+from conftest import ALL_SITES, DATA_DIR, brute_force_counts, char_tokenizer, random_pairs, tiny_model
 from peft import PeftModel, get_peft_model
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM
 
 from austeer_peft import AU, AUSteerConfig, AUSteerLayer, FitResult, MomentumScores, compute_momentum, fit_austeer
 from austeer_peft.fitting.counter import MomentumCounter
 from austeer_peft.fitting.inputs import make_batches, tokenize_pairs
 from austeer_peft.tuner.sites import SiteModule, base_named_modules, candidate_modules, unwrap
 
-ALL_SITES = ["attention", "ffn", "ffn_inner", "residual"]
 TWO_FAMILIES = ["llama", "gpt2"]
-
-
-def char_tokenizer(padding_side: str = "right") -> PreTrainedTokenizerFast:
-    """A character-level tokenizer that fits the tiny models' vocabulary of 101 (no special tokens added)."""
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    for char in [chr(c) for c in range(32, 127)] + ["\n"]:
-        vocab.setdefault(char, len(vocab))
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
-                                        eos_token="</s>", unk_token="<unk>", padding_side=padding_side)
-    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-                               "{% if add_generation_prompt %}<assistant>{% endif %}")
-    return tokenizer
-
-
-def random_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
-    """Pairs of different lengths (so batches need padding) sharing a prompt and differing in the answer."""
-    rng = random.Random(seed)
-    words = ["cat", "dog", "sun", "red", "blue", "tree", "road", "sea", "hot", "cold", "yes", "no"]
-    pairs = []
-    for _ in range(n):
-        prompt = " ".join(rng.choice(words) for _ in range(rng.randint(1, 7))) + "? "
-        positive = prompt + rng.choice(words)
-        negative = prompt + " ".join(rng.choice(words) for _ in range(rng.randint(1, 3)))
-        pairs.append((positive, negative))
-    return pairs
-
-
-def brute_force_counts(model, tokenizer, pairs, sites) -> tuple[dict, dict]:
-    """Reference counts: one unpadded sequence at a time, full activations through plain hooks, a Python loop."""
-    candidates = candidate_modules(model, AUSteerConfig(sites=sites))
-    modules = base_named_modules(model)
-    seen = {}
-
-    def keep(name, tensor):
-        seen[name] = tensor[0, -1].clone()  # batch of one, last token
-
-    handles = []
-    for c in candidates:
-        if c.position == "input":
-            handles.append(modules[c.name].register_forward_pre_hook(lambda m, a, name=c.name: keep(name, a[0])))
-        else:
-            handles.append(modules[c.name].register_forward_hook(
-                lambda m, a, out, name=c.name: keep(name, out if torch.is_tensor(out) else out[0])))
-    n_pos = {c.name: [0] * c.width for c in candidates}
-    n_neg = {c.name: [0] * c.width for c in candidates}
-    try:
-        for positive, negative in pairs:
-            activations = []
-            for text in (positive, negative):
-                seen.clear()
-                with torch.no_grad():
-                    model(torch.tensor([tokenizer(text)["input_ids"]]))
-                activations.append(dict(seen))
-            for c in candidates:
-                for dim in range(c.width):
-                    x_pos, x_neg = activations[0][c.name][dim].item(), activations[1][c.name][dim].item()
-                    n_pos[c.name][dim] += x_pos > x_neg
-                    n_neg[c.name][dim] += x_pos < x_neg
-    finally:
-        for handle in handles:
-            handle.remove()
-    return ({k: torch.tensor(v) for k, v in n_pos.items()}, {k: torch.tensor(v) for k, v in n_neg.items()})
 
 
 def assert_same_counts(scores: MomentumScores, other: MomentumScores) -> None:
@@ -260,7 +194,7 @@ def test_offloaded_model_gives_the_same_counts(how, tmp_path):
 
 @pytest.mark.parametrize("how", ["cpu_offload", "device_map"])
 def test_dispatched_model_fits_steers_and_merges_in_place(how, tmp_path):
-    from test_core import logits, spread_aus
+    from conftest import logits, spread_aus
 
     from austeer_peft.tuner.model import execution_device
 

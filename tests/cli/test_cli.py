@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from austeer_peft import AUSteerConfig
 from austeer_peft.cli import COMMANDS, Command, main, register_command
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)

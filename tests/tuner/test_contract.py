@@ -9,9 +9,8 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import logits, spread_aus, tiny_model
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from test_core import logits, spread_aus
 
 from austeer_peft import AUSteerConfig, AUSteerLayer
 

@@ -10,9 +10,8 @@ import random
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import char_tokenizer, tiny_model
 from peft import PeftModel
-from test_fit import char_tokenizer
 
 from austeer_peft import AU, compute_momentum, fit_austeer
 from austeer_peft.fitting import fit as fit_module

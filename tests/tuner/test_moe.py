@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import MOE_FAMILIES, tiny_moe_model
-from peft import PeftModel, get_peft_model
-from test_fit import brute_force_counts, char_tokenizer, random_pairs
-from test_core import (
+from conftest import (
+    MOE_FAMILIES,
     assert_merge_exact_and_unmerge_restores,
     assert_only_dim_scaled,
+    brute_force_counts,
+    char_tokenizer,
     logits,
+    random_pairs,
     spread_aus,
     steered_and_plain,
+    tiny_moe_model,
 )
+from peft import PeftModel, get_peft_model
 
 from austeer_peft import AUSteerConfig, AUSteerLayer, compute_momentum, fit_austeer
 from austeer_peft.tuner.sites import candidate_modules, merge_slices

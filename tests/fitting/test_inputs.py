@@ -1,18 +1,14 @@
 """fitting/inputs.py, the one place for model inputs: padding on either side, common prefixes, batch inputs, the
-single-process case of the data-parallel split, and that fitting never imports evaluation (a higher layer)."""
+single-process case of the data-parallel split (the layers are checked in tests/test_layout.py)."""
 
 from __future__ import annotations
 
-import ast
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
 from austeer_peft.fitting import inputs
-
-FITTING = Path(inputs.__file__).parent
 
 
 def test_pad_left_and_right_with_masks_and_position_ids_from_the_first_real_token():
@@ -47,23 +43,3 @@ def test_common_prefix_length_of_strings_and_token_ids(a, b):
 def test_a_single_process_fits_alone_and_is_the_main_process():
     assert inputs.data_parallel_share(None, [([1], [2])], [], batch_size=1) is None
     assert inputs.is_main_process()
-
-
-def imported_packages(path: Path) -> set[str]:
-    """Every module a file imports, named from the package root (``from ..evaluate import x`` -> ``evaluate.x``)."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names |= {alias.name.removeprefix("austeer_peft.") for alias in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            parts = (["fitting"] if node.level == 1 else []) + ([node.module.removeprefix("austeer_peft.")]
-                                                                 if node.module else [])
-            names |= {".".join(parts)} | {".".join([*parts, alias.name]) for alias in node.names}
-    return names
-
-
-def test_fitting_imports_nothing_from_evaluate_or_the_cli():
-    """Layers: tuner < hub < fitting < evaluate < cli; fitting may not import the two above it, not even lazily."""
-    for path in FITTING.glob("*.py"):
-        above = [name for name in imported_packages(path) if name.split(".")[0] in ("evaluate", "cli")]
-        assert not above, (path.name, above)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_fit import char_tokenizer
+from conftest import char_tokenizer
 
 from austeer_peft import as_text_pairs, pairs_from_answer_pool, pairs_from_choices
 from austeer_peft.fitting.pairs import bag_of_words_encoder, nearest_wrong, wrong_answers

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
-from test_fit import char_tokenizer, random_pairs
+from conftest import char_tokenizer, random_pairs, tiny_model
 
 from austeer_peft import compute_momentum, fit_austeer
 from austeer_peft.fitting.auto import CRITERIA, _length_batches, _MarginScorer, best_cell, choose_k_alpha, split_folds

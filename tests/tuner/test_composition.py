@@ -6,9 +6,8 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import MERGEABLE_SITES, assert_only_dim_scaled, logits, spread_aus, steered_and_plain, tiny_model
 from peft import PeftModel, get_peft_model
-from test_core import MERGEABLE_SITES, assert_only_dim_scaled, logits, spread_aus, steered_and_plain
 
 from austeer_peft import AUSteerConfig, AUSteerLayer
 

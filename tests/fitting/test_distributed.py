@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
-from test_fit import ALL_SITES, char_tokenizer, random_pairs
+from conftest import ALL_SITES, char_tokenizer, random_pairs, tiny_model
 
 from austeer_peft import fit_austeer
 from austeer_peft.fitting.inputs import make_batches, shard_batches, tokenize_pairs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # 13 pairs in batches of 2: 7 batches for the two ranks to share; 3 pairs in one batch leave rank 1 idle.
 CASES = {"split": (13, 2), "one_batch": (3, 4)}
 

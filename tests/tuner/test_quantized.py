@@ -6,10 +6,18 @@ from __future__ import annotations
 import bitsandbytes as bnb
 import pytest
 import torch
-from conftest import quantized_copy, tiny_model
+from conftest import (
+    assert_only_dim_scaled,
+    brute_force_counts,
+    char_tokenizer,
+    logits,
+    quantized_copy,
+    random_pairs,
+    spread_aus,
+    steered_and_plain,
+    tiny_model,
+)
 from peft import PeftModel, get_peft_model
-from test_core import assert_only_dim_scaled, logits, spread_aus, steered_and_plain
-from test_fit import brute_force_counts, char_tokenizer, random_pairs
 
 from austeer_peft import AUSteerConfig, AUSteerLayer, compute_momentum, fit_austeer
 from austeer_peft.tuner.bnb import dequantized_4bit

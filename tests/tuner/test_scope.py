@@ -7,9 +7,8 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import logits, spread_aus, tiny_model
 from peft import PeftModel, get_peft_model
-from test_core import logits, spread_aus
 
 from austeer_peft import AUSteerConfig, AUSteerLayer
 from austeer_peft.tuner.sites import candidate_modules
