@@ -58,6 +58,9 @@ def push_to_hub(model_or_folder, repo_id: str, *, commit_message: Optional[str] 
     (written when it is missing or not an AUSteer card). Either way one commit adds ``adapter_config.json``,
     ``adapter_model.safetensors``, ``README.md`` and the subfolders of further adapters. The repository is created
     if needed. Returns the ``huggingface_hub.CommitInfo``.
+
+    One ``create_commit`` rather than ``HfApi.upload_folder``: the folder's card may come from a temporary folder, and
+    ``upload_folder`` also sends README.md to the Hub's YAML validation endpoint, a request more than the commit.
     """
     from huggingface_hub import CommitOperationAdd, HfApi
 
