@@ -261,6 +261,26 @@ def test_sweep_fit_eval_end_to_end_on_a_real_task_slice(tmp_path, capsys):
     assert swept["k"] == ffn["settings"]["k"]
 
 
+def test_fit_with_automatic_k_and_alpha_reports_its_checks_and_writes_only_a_steer_that_passes(tmp_path, capsys):
+    model = str(real_task_model_folder(tmp_path / "model"))
+    out = tmp_path / "fit"
+    assert main(["fit", "--model", model, *SLICE, "--sites", "ffn", "--k", "auto", "--alpha", "auto",
+                 "--output", str(out)]) == 0
+    summary = json.loads((out / "results.json").read_text())
+    printed = capsys.readouterr().out
+    assert summary["sizes"] == {"fit": 16, "validation": 16, "test": 16}
+    assert summary["auto"]["num_examples"] == 16 and summary["auto"]["rule"] == "guarded"  # every pair held out once
+    assert (out / "scores.safetensors").exists()
+    if summary["shipped"]:  # passed both the held-out pairs' check and the validation check
+        assert summary["auto"]["shipped"] and summary["selection"]["shipped"] and (out / "adapter").is_dir()
+    else:
+        assert not (out / "adapter").exists() and "No adapter written" in printed
+        assert "no steer beats vanilla on this data" in printed
+    with pytest.raises(SystemExit):
+        main(["fit", "--model", model, *SLICE, "--k", "many", "--output", str(tmp_path / "bad")])
+    assert "invalid int value: 'many'" in capsys.readouterr().err
+
+
 def test_task_arguments_are_checked(tmp_path, capsys):
     assert main(["fit", "--output", str(tmp_path / "a")]) == 1
     assert "give either --task" in capsys.readouterr().err
