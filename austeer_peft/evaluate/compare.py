@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 
 from .baselines import CAA_MULTIPLIERS, block_level_aus, caa_layers, caa_steering, caa_vectors
 from .runner import SplitResult, evaluate_split
-from .scoring import bootstrap_ci, paired_test
-from ..fitting.selection import NO_STEER_NOTE, SELECTION_RULES, Selection, paired_gain_ci
+from .scoring import bootstrap_ci, paired_gain_ci, paired_test
+from ..fitting.selection import NO_STEER_NOTE, SELECTION_RULES, Selection
 from .tasks import Task
 from ..fitting.fit import compute_momentum
 from ..fitting.inputs import unsteered

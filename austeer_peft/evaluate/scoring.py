@@ -15,7 +15,6 @@ Per-example results are lists of ``bool`` so that :func:`bootstrap_ci` and :func
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from typing import Any, Optional, Union
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from ..fitting.logprobs import continuation_logprobs
+from ..fitting.selection import sign_test_greater
 
 ChoiceIds = Union[Sequence[int], torch.Tensor]
 Labels = Union[Sequence[int], torch.Tensor]
@@ -214,11 +214,17 @@ def paired_test(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> float:
         raise ValueError(f"paired_test needs results on the same examples; got {len(correct_a)} and {len(correct_b)}.")
     b = sum(1 for x, y in zip(correct_a, correct_b) if bool(x) and not bool(y))
     c = sum(1 for x, y in zip(correct_a, correct_b) if not bool(x) and bool(y))
-    n = b + c
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1))
-    return min(1.0, 2 * tail / (1 << n))  # int / int is correctly rounded even for huge n
+    return min(1.0, 2 * sign_test_greater(max(b, c), min(b, c)))  # P(X <= min) = P(X >= max) by symmetry
+
+
+def paired_gain_ci(correct: Sequence[bool], baseline: Sequence[bool], n_resamples: int = 1000, seed: int = 0,
+                   confidence: float = 0.95) -> tuple[float, float, float]:
+    """``(gain, low, high)``: the mean gain of ``correct`` over ``baseline`` on the same examples and its percentile
+    bootstrap interval (:func:`bootstrap_ci` of the per-example differences, so the pairing is kept)."""
+    if len(correct) != len(baseline):
+        raise ValueError(f"paired_gain_ci needs results on the same examples; got {len(correct)} and {len(baseline)}.")
+    differences = np.asarray(correct, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
+    return bootstrap_ci(differences, n_resamples, seed, confidence)
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer

@@ -165,17 +165,3 @@ def sign_test_greater(wins: int, losses: int) -> float:
     if n == 0:
         return 1.0
     return sum(math.comb(n, i) for i in range(wins, n + 1)) / (1 << n)  # int / int: correctly rounded
-
-
-def paired_gain_ci(correct: Sequence[bool], vanilla: Sequence[bool], *, n_resamples: int = 1000, seed: int = 0,
-                   confidence: float = 0.95) -> tuple[float, float, float]:
-    """Mean gain of ``correct`` over ``vanilla`` on the same examples, with a paired percentile-bootstrap interval."""
-    right, base = np.asarray(correct, dtype=np.float64), np.asarray(vanilla, dtype=np.float64)
-    if right.shape != base.shape or right.size == 0:
-        raise ValueError(f"paired_gain_ci needs results on the same, non-empty examples; got {right.size} and "
-                         f"{base.size}.")
-    diffs = right - base
-    samples = np.random.default_rng(seed).integers(0, diffs.size, size=(n_resamples, diffs.size))
-    means = diffs[samples].mean(axis=1)
-    tail = (1 - confidence) / 2
-    return float(diffs.mean()), float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))

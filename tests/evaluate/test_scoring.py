@@ -187,3 +187,13 @@ def test_choice_token_ids_errors(tokenizer):
         S.choice_token_ids(tokenizer, ["s", " no"], prompt="Answer")  # "Answer" + "s" -> one token "Answers"
     with pytest.raises(ValueError, match="adds no token"):
         S.choice_token_ids(tokenizer, ["", " no"])
+
+
+def test_paired_gain_interval_brackets_the_mean_gain():
+    vanilla = [True] * 180 + [False] * 120
+    steered = [False] * 10 + [True] * 170 + [True] * 40 + [False] * 80  # 40 wins, 10 losses
+    gain, low, high = S.paired_gain_ci(steered, vanilla)
+    assert gain == pytest.approx(30 / 300) and low < gain < high and low > 0
+    assert S.paired_gain_ci(vanilla, vanilla) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="same examples"):
+        S.paired_gain_ci([True], [True, False])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from austeer_peft.fitting.selection import (
-    NO_STEER_NOTE, Candidate, guarded_choice, one_standard_error_choice, paired_gain_ci, sign_test_greater,
+    NO_STEER_NOTE, Candidate, guarded_choice, one_standard_error_choice, sign_test_greater,
 )
 
 
@@ -80,15 +80,6 @@ def test_bad_input_is_refused_with_the_reason():
     assert guarded_choice([Candidate("a", [True] * 5, (0,))], [False] * 5).shipped
     with pytest.raises(ValueError, match="at least one"):
         guarded_choice([], [True])
-
-
-def test_paired_gain_interval_brackets_the_mean_gain():
-    rng = np.random.default_rng(2)
-    vanilla = (rng.random(300) < 0.6).tolist()
-    steered = flips(vanilla, 40, 10, rng)
-    gain, low, high = paired_gain_ci(steered, vanilla)
-    assert gain == pytest.approx(30 / 300) and low < gain < high and low > 0
-    assert paired_gain_ci(vanilla, vanilla) == (0.0, 0.0, 0.0)
 
 
 def test_a_given_choice_rule_is_checked_out_of_fold():
