@@ -4,14 +4,12 @@ Importing this package registers the method with PEFT (``austeer_peft.tuner``: o
 PEFT's ``register_peft_method``) and changes nothing else outside it.
 """
 
-from importlib.metadata import version
-
 from .tuner import AUSteerConfig, AUSteerModel
 from .tuner.aus import AU
 from .tuner.layer import AUSteerLayer
 from .tuner.sites import SITES
 from .hub.cards import adapter_card
-from .hub.facts import attach_card_info
+from .hub.facts import attach_card_info, package_version
 from .hub.export import merge_and_save, push_to_hub, save_adapter, save_merged, to_ia3
 from .fitting.fit import FitResult, compute_momentum, fit_austeer
 from .fitting.scores import MomentumScores
@@ -26,4 +24,4 @@ __all__ = [
 __all__ += ["adapter_card", "attach_card_info", "merge_and_save", "push_to_hub", "save_adapter", "save_merged",
             "to_ia3"]
 __all__ += ["compare_methods", "sweep_k_alpha"]
-__version__ = version("austeer-peft")  # one source: pyproject.toml
+__version__ = package_version()  # one source: pyproject.toml

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from importlib.metadata import version
 from typing import Optional
 
 from . import evaluate_cmd, fit, inspect, merge, push, sweep
+from ..hub.facts import package_version
 from .command import COMMANDS, Command, CommandError, register_command
 
 DESCRIPTION = """\
@@ -67,7 +67,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _version() -> str:
-    return version("austeer-peft")
+    return package_version()
 
 
 __all__ = ["COMMANDS", "Command", "CommandError", "DESCRIPTION", "build_parser", "main", "register_command"]

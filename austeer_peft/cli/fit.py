@@ -82,7 +82,8 @@ def run_fit(args: argparse.Namespace) -> int:
         print(f"No adapter written: {reason}. Scores and results.json are in {output}; `austeer sweep` tries a grid.")
         return 0
     print(f"Fitted {len(aus)} AUs on {result.scores.num_pairs} pairs of {task.name} in {seconds:.0f} s: "
-          f"{output / 'adapter'} ({summary['adapter_bytes']} bytes)." + (f" Validation: {check.note}." if check else ""))
+          f"{output / 'adapter'} ({summary['adapter_bytes']} bytes)."
+          + (f" Validation: {check.note}." if check else ""))
     print(f"Other (k, α) without a new pass: MomentumScores.load({str(output / 'scores.safetensors')!r})"
           ".to_adapter(k, alpha, model); or run `austeer sweep`.")
     return 0

@@ -149,7 +149,8 @@ def compare_methods(
     """Fit, sweep on ``task.validation``, test once on ``task.test``: vanilla, AUSteer per site, then baselines.
 
     ``selection="most-accurate"`` ships every method's most accurate cell unchecked (the rule before the guarded one;
-    for comparisons). ``model`` is a plain transformers model; it comes back wrapped (a PeftModel holding one adapter per AUSteer
+    for comparisons).
+    ``model`` is a plain transformers model; it comes back wrapped (a PeftModel holding one adapter per AUSteer
     method and ``block_level``), as with ``get_peft_model``.
     """
     if selection not in SELECTION_RULES:

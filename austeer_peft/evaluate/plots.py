@@ -24,7 +24,8 @@ def _pyplot():
 
 
 def plot_sweep_heatmap(sweep: SweepResult, path: Union[str, Path], title: Optional[str] = None) -> Path:
-    """Validation accuracy of every (k, α) cell, the shipped and the most accurate cell outlined, vanilla in the title."""
+    """Validation accuracy of every (k, α) cell, the shipped and the most accurate cell outlined, vanilla in the
+    title."""
     plt = _pyplot()
     ks = sorted({cell.k for cell in sweep.cells})
     alphas = sorted({cell.alpha for cell in sweep.cells})

@@ -163,7 +163,8 @@ def _sweep(peft_model, tokenizer, task, split, cells, adapter_name, method, scor
                         time.perf_counter() - started)
     select_cell(sweep, rule=selection)
     chosen = sweep.chosen
-    chosen_aus = [] if chosen is None else next(aus for k, alpha, aus in cells if (k, alpha) == (chosen.k, chosen.alpha))
+    chosen_aus = [] if chosen is None else \
+        next(aus for k, alpha, aus in cells if (k, alpha) == (chosen.k, chosen.alpha))
     peft_model.set_aus(chosen_aus, adapter_name=adapter_name)
     if chosen is not None:
         config = peft_model.peft_config[adapter_name]

@@ -62,7 +62,7 @@ class Selection:
     p_value: float  # step 2: one-sided exact sign test of wins against losses
     folds: int
     level: float
-    rule: str = "guarded"  # "most-accurate": the old rule, asked for explicitly; the checks above are then reported only
+    rule: str = "guarded"  # "most-accurate": the old rule, asked for explicitly; the checks are then only reported
 
     @property
     def shipped(self) -> bool:

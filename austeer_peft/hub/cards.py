@@ -13,7 +13,6 @@ import re
 import shlex
 from collections import Counter
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -23,7 +22,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from ..tuner.aus import AU
 from ..tuner.config import AUSteerConfig
 from ..tuner.sites import SITES
-from .facts import ADAPTER_CONFIG_NAME, CARD_NAME, AdapterFacts, facts_from_folder, facts_from_model
+from .facts import ADAPTER_CONFIG_NAME, CARD_NAME, AdapterFacts, facts_from_folder, facts_from_model, package_version
 
 CARD_TAGS = ["austeer", "activation-steering", "peft"]
 # A source checkout has the template at the repository root; an installed package carries it as
@@ -250,5 +249,5 @@ def _versions() -> list[tuple[str, str]]:
     import peft
     import transformers
 
-    return [("austeer-peft", version("austeer-peft")), ("PEFT", peft.__version__), ("Transformers", transformers.__version__),
+    return [("austeer-peft", package_version()), ("PEFT", peft.__version__), ("Transformers", transformers.__version__),
             ("PyTorch", torch.__version__)]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from importlib.metadata import version
 from pathlib import Path
 from typing import Optional, Union
 
@@ -27,7 +26,9 @@ from ..tuner.config import AUSteerConfig
 from ..tuner.layer import AUSteerLayer
 from ..tuner.sites import base_named_modules, is_linear_like, linear_features, merge_slices, unwrap
 from .cards import HUB_REPO_ID, adapter_card_from_folder, save_adapter_card
-from .facts import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, CARD_NAME, austeer_tuner, load_austeer_card
+from .facts import (
+    ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, CARD_NAME, austeer_tuner, load_austeer_card, package_version,
+)
 
 PathLike = Union[str, os.PathLike]
 IA3_TAGS = ["ia3", "austeer", "activation-steering", "peft"]
@@ -64,7 +65,7 @@ def push_to_hub(model_or_folder, repo_id: str, *, commit_message: Optional[str] 
     """
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    api = HfApi(library_name="austeer-peft", library_version=version("austeer-peft"))
+    api = HfApi(library_name="austeer-peft", library_version=package_version())
     repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as tmp:
         if isinstance(model_or_folder, (str, os.PathLike)):

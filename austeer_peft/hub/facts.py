@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Optional, Union
 
@@ -21,6 +22,15 @@ from ..tuner.config import AUSteerConfig
 from ..tuner.layer import AUSteerLayer
 from ..tuner.model import AUSteerModel
 from ..tuner.table import layers_to_table, table_to_aus
+
+
+def package_version() -> str:
+    """austeer-peft's version as installed (pyproject.toml is the one source); a source tree that is only on
+    ``sys.path`` has no installed metadata and says so."""
+    try:
+        return version("austeer-peft")
+    except PackageNotFoundError:
+        return "0+not-installed"
 
 CARD_INFO_ATTRIBUTE = "austeer_card_info"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
