@@ -47,10 +47,10 @@ def plot_sweep_heatmap(sweep: SweepResult, path: Union[str, Path], title: Option
     axes.set_yticks(range(len(ks)), [str(k) for k in ks])
     axes.set_xlabel("α")
     axes.set_ylabel("k (steered AUs)")
-    vanilla = f", vanilla {100 * sweep.vanilla.accuracy:.1f} %" if sweep.vanilla is not None else ""
+    vanilla = f"vanilla {100 * sweep.vanilla.accuracy:.1f} %" if sweep.vanilla is not None else ""
     shipped_note = "" if sweep.selection is None or sweep.selection.shipped else "; no steer shipped"
-    axes.set_title(title or f"{sweep.method}: validation accuracy (%) on {sweep.num_examples}{vanilla}{shipped_note}",
-                   fontsize=9)
+    axes.set_title(title or f"{sweep.method}: validation accuracy (%) on {sweep.num_examples}\n{vanilla}{shipped_note}",
+                   fontsize=9)  # two lines: one is wider than the figure
     figure.colorbar(image, ax=axes)
     figure.tight_layout()
     path = Path(path)
