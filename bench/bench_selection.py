@@ -84,6 +84,8 @@ def run(args: argparse.Namespace) -> dict:
                     "selection": sweep.selection.as_dict()},
         }
         print(json.dumps({site: result["sites"][site]}, default=str), flush=True)
+        if args.output:  # after each site, so a run stopped midway keeps what it measured
+            Path(args.output).write_text(json.dumps(result, indent=2, default=str))
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
 
