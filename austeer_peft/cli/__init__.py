@@ -1,9 +1,9 @@
 """The ``austeer`` command line: the parser, ``main``, and the list of subcommands.
 
 Each subcommand is a :class:`Command` in :data:`COMMANDS` (the registry lives in ``cli/command.py``), defined in its
-own module (``fit``, ``evaluate_cmd`` for ``eval``, ``sweep``, ``merge``, ``push``, ``inspect``) on top of the shared
-arguments of ``cli/arguments.py``. A new subcommand is two functions and one :func:`register_command` call; ``main``
-needs no change.
+own module (``fit``, ``evaluate_cmd`` for ``eval``, ``sweep``, ``merge``, ``export``, ``push``, ``inspect``) on top
+of the shared arguments of ``cli/arguments.py``. A new subcommand is two functions and one :func:`register_command`
+call; ``main`` needs no change.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import Optional
 
-from . import evaluate_cmd, fit, inspect, merge, push, sweep
+from . import evaluate_cmd, export, fit, inspect, merge, push, sweep
 from ..hub.facts import package_version
 from .command import COMMANDS, Command, CommandError, register_command
 
@@ -28,6 +28,8 @@ Typical workflow:
   austeer inspect out/adapter                     what an adapter steers, and how large it is
   austeer merge --model smollm2-135m --adapter out/adapter --output merged/
                                                   a plain transformers checkpoint for serving
+  austeer export --model smollm2-135m --adapter out/adapter --format lora --output lora/
+                                                  an exact LoRA for per-request serving (vLLM, SGLang, ...)
   austeer push --adapter out/adapter --repo-id you/my-adapter
                                                   share the adapter (with its model card) on the Hub
 
@@ -35,7 +37,7 @@ Run `austeer <command> --help` for the options of a command (`python -m austeer_
 """
 
 # The built-in subcommands, in the order `austeer --help` lists them.
-for _module in (fit, evaluate_cmd, sweep, merge, push, inspect):
+for _module in (fit, evaluate_cmd, sweep, merge, export, push, inspect):
     register_command(_module.COMMAND)
 del _module
 
