@@ -21,12 +21,20 @@ def quantization_kind(param: torch.Tensor):
 
 def dequantized_4bit(param: torch.Tensor) -> torch.Tensor:
     """The dense weight of a Params4bit, also after bitsandbytes repacked it for its CPU kernels (which it does in
-    place on the first CPU forward; its own save path undoes that the same way, with the same private helper)."""
+    place on the first eval forward on CPUs with AVX512-BF16; its own save path undoes that with the same private
+    helper).
+
+    The repacking stores the block scales (absmax) transposed, ``[in / blocksize, out]``, in bfloat16. bitsandbytes
+    0.50's inverse restores that layout only for nested (double-quantized) scales; plain ones stay transposed, which
+    scrambles every weight row with more than one block. They are put back here, as the kernel uses them (bfloat16).
+    """
     import bitsandbytes.functional as F
 
     data, state = param.data, param.quant_state
     if getattr(state, "packing_format_for_cpu", False):
         data, state = F._convert_weight_packed_for_cpu_inverse(data, copy.deepcopy(state))
+        if not state.nested and state.absmax.ndim == 2:  # still [in / blocksize, out]
+            state.absmax = state.absmax.T.reshape(-1).float()
     return F.dequantize_4bit(data, state)
 
 

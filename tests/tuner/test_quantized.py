@@ -137,3 +137,25 @@ def test_fit_on_quantized_model_counts_like_a_per_pair_reference_and_round_trips
                                                       **bnb_kwargs), tmp_path / "adapter")
     assert sorted(loaded.get_aus()) == sorted(result.peft_model.get_aus())
     assert torch.equal(logits(loaded, input_ids), steered)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_dequantized_4bit_undoes_the_cpu_kernel_repacking(tmp_path, double_quant):
+    """On CPUs with AVX512-BF16 bitsandbytes repacks 4-bit weights on the first eval forward, with the block scales
+    transposed to [in / 64, out] in bfloat16; its inverse (0.50) leaves plain scales transposed, which scrambled the
+    rows of every weight wider than one block (here down_proj, in = 128). Packed here directly, on any CPU."""
+    import copy
+    from types import SimpleNamespace
+
+    import bitsandbytes.functional as F
+
+    quantized = quantized_copy(tiny_model("llama", hidden=64), tmp_path, **FOUR_BIT["nf4"],
+                               bnb_4bit_use_double_quant=double_quant)
+    weight = quantized.model.layers[0].mlp.down_proj.weight
+    assert weight.quant_state.shape == (64, 128) and not getattr(weight.quant_state, "packing_format_for_cpu", False)
+    dense = dequantized_4bit(weight)
+    packed, state = F._convert_weight_packed_for_cpu(weight.data.clone(), copy.deepcopy(weight.quant_state))
+    assert state.packing_format_for_cpu
+    repacked = dequantized_4bit(SimpleNamespace(data=packed, quant_state=state))
+    # Only the bfloat16 rounding of the scales differs (relative 2^-8).
+    assert (repacked - dense).abs().max() <= 2 ** -8 * dense.abs().max()
