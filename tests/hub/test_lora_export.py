@@ -11,8 +11,9 @@ import pytest
 import torch
 from conftest import FAMILIES, logits, quantized_copy, spread_aus, tiny_model, tiny_moe_model
 from huggingface_hub import ModelCard
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from austeer_peft import AUSteerConfig, to_lora
 from austeer_peft.tuner.sites import candidate_modules
@@ -173,13 +174,41 @@ def test_uniform_rank_pads_every_module_and_max_rank_refuses(tmp_path, input_ids
     to_lora(model, tmp_path / "uniform", uniform_rank=True, max_rank=8)
     config = json.loads((tmp_path / "uniform" / "adapter_config.json").read_text())
     assert set(config["rank_pattern"].values()) == {config["r"]} == {8}
-    from peft import PeftModel
-
     loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "uniform")
     torch.testing.assert_close(logits(loaded, input_ids), steered_logits, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match=r"rank 8 on model.layers.1.mlp.down_proj .*max_rank=4.*--max-lora-rank"):
         to_lora(model, tmp_path / "capped", max_rank=4)
     assert not (tmp_path / "capped").exists()
+
+
+def tiny_gpt_oss():
+    """gpt-oss stores its fused experts transposed (down_proj [experts, inner, hidden]) and with biases."""
+    config = AutoConfig.for_model(
+        "gpt_oss", hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, vocab_size=101, num_local_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        layer_types=["full_attention"] * 2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+@pytest.mark.parametrize("make, site_layers", [
+    (tiny_gpt_oss, {"ffn_inner": [0, 1], "attention": [0]}),  # transposed 3D experts, biased o_proj (input side)
+    (lambda: tiny_model("llama"), None),  # target_modules: the outputs of up_proj
+])
+def test_transposed_experts_and_target_modules(tmp_path, input_ids, make, site_layers):
+    if site_layers is None:
+        model = get_peft_model(make(), AUSteerConfig(target_modules=["up_proj"], position="output"))
+        model.set_aus([("model.layers.1.mlp.up_proj", 40, 1.5), ("model.layers.0.mlp.up_proj", 3, -0.5)])
+    else:
+        model = steered(make(), site_layers)
+    to_lora(model, tmp_path)
+    loaded = PeftModel.from_pretrained(make(), tmp_path)
+    torch.testing.assert_close(logits(loaded, input_ids), logits(model, input_ids), rtol=0, atol=1e-5)
 
 
 def _scoped():
@@ -194,11 +223,19 @@ def _merged():
     return model
 
 
+def _embedding():
+    model = get_peft_model(tiny_model("llama"), AUSteerConfig(target_modules=["embed_tokens"], position="output"))
+    model.set_aus([("model.embed_tokens", 1, 1.0)])
+    return model
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda: steered(tiny_model("llama"), {"attention": [0], "residual": [1]}), "residual.*no weight update"),
     (_scoped, "scope='generated'.*a LoRA adds its update at every position"),
     (_merged, "merged into the weights; call `unmerge_adapter"),
     (lambda: get_peft_model(tiny_model("llama"), AUSteerConfig()), "no AUs to export"),
+    (lambda: steered(tiny_gpt_oss(), {"ffn": [1]}), "scale the experts' down projection biases.*no `lora_bias`"),
+    (_embedding, "LoRA cannot express AUs on model.embed_tokens"),
 ])
 def test_lora_export_refuses_what_lora_cannot_express(tmp_path, make, message):
     with pytest.raises(ValueError, match=message):
