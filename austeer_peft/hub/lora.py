@@ -73,7 +73,8 @@ def to_lora(peft_model, output_dir: PathLike, adapter_name: Optional[str] = None
     Each steered weight gets a LoRA of rank equal to its number of AUs (``rank_pattern``), with ``lora_alpha`` equal
     to that rank (scaling 1, ``use_rslora=False``). ``r`` and ``lora_alpha`` of the config are the largest rank, so an
     engine that reads only those (vLLM, SGLang: one ``lora_alpha / r`` for the whole adapter, ranks from the tensor
-    shapes) also scales by 1.
+    shapes) also scales by 1. Fused MoE expert weights (PEFT ``target_parameters``, one rank for all experts of a
+    weight) take the largest rank, zero-padded.
 
     Args:
         peft_model: a PeftModel holding the AUSteer adapter (not merged).
@@ -121,7 +122,7 @@ def to_lora(peft_model, output_dir: PathLike, adapter_name: Optional[str] = None
         raise ValueError(
             f"LoRA cannot express this adapter: it changes a bias, which needs `lora_bias`, and it steers fused MoE "
             f"experts ({fused[0]}), which PEFT adapts through `target_parameters`, and PEFT's parameter LoRA does not "
-            "support `lora_bias`. Export the two parts as separate adapters or serve this one merged."
+            "support `lora_bias`. Keep this adapter in AUSteer form or serve it merged."
         )
     conv1d = {update.conv1d for update in updates.values() if not update.fused}
     # A pattern key is a regex matched against the end of a module name; escape the dots of full names.
@@ -230,17 +231,18 @@ def _low_rank(weight: _SteeredWeight, owner_name: str) -> LoraUpdate:
     """``B, A`` with ``B[e] @ A[e] = diag(1+γ_o)·W_e·diag(1+γ_i) - W_e`` for every expert ``e``."""
     dense = _dense_weight(weight, owner_name)  # [E, out, in]
     experts, out_features, in_features = dense.shape
-    in_factor = torch.ones(experts, in_features)
-    out_factor = torch.ones(out_features)
+    in_factor, in_steered = torch.ones(experts, in_features), torch.zeros(experts, in_features, dtype=torch.bool)
+    out_factor, out_steered = torch.ones(out_features), torch.zeros(out_features, dtype=torch.bool)
     for index, gamma, flat in weight.inputs:
-        if flat:  # fused experts: AU d is column d % in of expert d // in
-            in_factor[index // in_features, index % in_features] *= 1 + gamma
-        else:
-            in_factor[:, index] *= 1 + gamma
+        # fused experts: AU d is column d % in of expert d // in; otherwise column d of the (one) weight
+        where = (index // in_features, index % in_features) if flat else (slice(None), index)
+        in_factor[where] *= 1 + gamma
+        in_steered[where] = True
     for index, gamma in weight.outputs:
         out_factor[index] *= 1 + gamma
-    rows = torch.nonzero(out_factor != 1).flatten()  # S_o, shared by every expert
-    columns = [torch.nonzero(in_factor[e] != 1).flatten() for e in range(experts)]  # S_i per expert
+        out_steered[index] = True
+    rows = torch.nonzero(out_steered).flatten()  # S_o, shared by every expert
+    columns = [torch.nonzero(in_steered[e]).flatten() for e in range(experts)]  # S_i per expert
     rank = len(rows) + max(len(c) for c in columns)
     B = torch.zeros(experts, out_features, rank)
     A = torch.zeros(experts, rank, in_features)
