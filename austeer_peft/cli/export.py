@@ -54,11 +54,12 @@ def run_export(args: argparse.Namespace) -> int:
     size = (output / ADAPTER_WEIGHTS_NAME).stat().st_size
     source = Path(args.adapter) / ADAPTER_WEIGHTS_NAME
     compared = f" (the AUSteer adapter file: {source.stat().st_size:,} bytes)" if source.is_file() else ""
-    print(f"Exported {args.adapter} as a {args.format.upper()} adapter: {output} ({size:,} bytes{compared}).")
+    print(f"Exported {args.adapter} as a {args.format.upper()} adapter to {output}.")
+    print(f"  {ADAPTER_WEIGHTS_NAME}: {size:,} bytes{compared}")
     if args.format == "lora":
         config = json.loads((output / ADAPTER_CONFIG_NAME).read_text())
         targets = len(config["target_modules"] or []) + len(config["target_parameters"] or [])
-        print(f"Largest rank {config['r']} over {targets} weights (lora_alpha = rank: scaling 1).")
+        print(f"  largest rank {config['r']} over {targets} weights; lora_alpha = rank, so the scaling is 1")
     print(f"Load it with plain peft: PeftModel.from_pretrained(base, {str(output)!r})")
     return 0
 

@@ -38,11 +38,11 @@ def test_export_writes_an_adapter_plain_peft_loads(folders, export_format, input
     out = capsys.readouterr().out
     size = (tmp_path / "out" / "adapter_model.safetensors").stat().st_size
     austeer_size = (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size
-    assert f"({size:,} bytes (the AUSteer adapter file: {austeer_size:,} bytes))" in out
+    assert f"adapter_model.safetensors: {size:,} bytes (the AUSteer adapter file: {austeer_size:,} bytes)" in out
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["peft_type"] == export_format.upper()
     if export_format == "lora":
-        assert "Largest rank 2 over 2 weights (lora_alpha = rank: scaling 1)." in out
+        assert "largest rank 2 over 2 weights; lora_alpha = rank, so the scaling is 1" in out
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
     exported = PeftModel.from_pretrained(base, tmp_path / "out")
     torch.testing.assert_close(logits(exported, input_ids), logits(model, input_ids), rtol=0, atol=1e-5)
