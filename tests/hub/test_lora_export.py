@@ -249,3 +249,15 @@ def test_8bit_base_is_refused(tmp_path):
     model.set_aus([(("attention", 0), 3, 1.0)])
     with pytest.raises(ValueError, match="8-bit layer: LLM.int8 multiplies with quantized activations"):
         to_lora(model, tmp_path / "lora")
+
+
+def test_exports_the_named_adapter_not_the_active_one(tmp_path, input_ids):
+    model = steered(tiny_model("qwen2"))
+    model.add_adapter("other", AUSteerConfig(sites=["ffn"]))
+    model.set_aus([(("ffn", 0), 5, 2.0), (("ffn", 1), 7, -0.5)], adapter_name="other")
+    to_lora(model, tmp_path, adapter_name="other")
+    model.set_adapter("other")
+    loaded = PeftModel.from_pretrained(tiny_model("qwen2"), tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == [
+        "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    torch.testing.assert_close(logits(loaded, input_ids), logits(model, input_ids), rtol=0, atol=1e-5)
