@@ -155,7 +155,8 @@ def lora_updates(peft_model, adapter_name: str) -> dict[str, LoraUpdate]:
     if config.scope != "all":
         raise ValueError(
             f"Adapter {adapter_name!r} has scope={config.scope!r}: it steers only some token positions, and a LoRA "
-            "adds its update at every position. Only scope='all' adapters export to LoRA; keep this one in AUSteer form."
+            "adds its update at every position. Only scope='all' adapters export to LoRA; keep this one in AUSteer "
+            "form."
         )
     from peft.tuners.tuners_utils import BaseTunerLayer
 

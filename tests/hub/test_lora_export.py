@@ -73,7 +73,8 @@ def load(case, **kwargs):
     model = PeftModel.from_pretrained(base, f'{root}/{case}/lora').eval()
     assert model.peft_type == 'LORA' and isinstance(model.peft_config['default'], LoraConfig)
     saved = load_file(f'{root}/{case}/lora/adapter_model.safetensors')
-    assert set(get_peft_model_state_dict(model)) == set(saved), sorted(set(get_peft_model_state_dict(model)) ^ set(saved))
+    loaded = set(get_peft_model_state_dict(model))
+    assert loaded == set(saved), sorted(loaded ^ set(saved))
     return model
 
 
