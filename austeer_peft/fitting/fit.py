@@ -1,8 +1,11 @@
 """fit_austeer: contrastive pairs in, a steered PeftModel and the full momentum table out.
 
-One pass over the pairs with the unsteered model: each batch puts B positives and their B negatives through one
-forward, hooks turn the last-token activations into sign counts (see :mod:`austeer_peft.fitting.counter`), and the forward
-stops right after the last candidate module. The top-k AUs by discriminative score become the adapter.
+One pass over the pairs with the unsteered model: each batch runs its pairs' shared prompts once (KV cache) and then
+the B positive and B negative continuations in one forward (pairs without a shared prompt: full sequences), hooks turn
+the last-token activations into sign counts (see :mod:`austeer_peft.fitting.activations` and
+:mod:`austeer_peft.fitting.counter`), and every forward stops right after the last candidate module. The top-k AUs by
+discriminative score become the adapter. A checkpoint makes the pass resumable
+(:mod:`austeer_peft.fitting.checkpoint`); a batch that runs out of memory is retried in halves.
 
 Scaling out runs on the existing engines. A model dispatched with ``device_map`` (accelerate hooks, offload) is read
 and counted on each layer's own device. Under ``torchrun`` / ``accelerate launch`` every process passes the same
