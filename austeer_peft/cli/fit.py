@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 from typing import Optional
 
 from ..evaluate.runner import evaluate_split
@@ -42,6 +43,13 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--alpha", type=auto_or(float), default=CONFIG_DEFAULTS.alpha,
                        help=f"steering strength α, or 'auto' (default: {CONFIG_DEFAULTS.alpha:g})")
     add_selection_argument(group)
+    resume = parser.add_argument_group("long fits")
+    resume.add_argument("--checkpoint", type=Path, metavar="FILE",
+                        help="write the partial counts to FILE (e.g. counts.safetensors) as the fit goes; run the "
+                             "same command again after a crash to resume from it (outside --output, or rerun with "
+                             "--force; one file per process under torchrun; not with --k/--alpha auto)")
+    resume.add_argument("--checkpoint-every", type=int, default=10, metavar="N",
+                        help="batches between two checkpoint writes (default: 10)")
     add_output_arguments(parser, "folder for adapter/ (the PEFT adapter), scores.safetensors and results.json")
 
 
@@ -59,7 +67,8 @@ def run_fit(args: argparse.Namespace) -> int:
     model, tokenizer = load_model_from_args(args)
     started = time.perf_counter()
     result = fit_austeer(model, tokenizer, task.pairs("fit"), sites=args.sites, k=args.k, alpha=args.alpha,
-                         batch_size=args.batch_size)
+                         batch_size=args.batch_size, checkpoint=args.checkpoint,
+                         checkpoint_every=args.checkpoint_every)
     seconds = time.perf_counter() - started
     check = check_on_validation(result, tokenizer, task, args)
     if not is_main_process():  # under torchrun every process fits the same adapter; one writes it
@@ -117,6 +126,7 @@ COMMAND = Command(
     "examples:\n"
     "  austeer fit --task sst2 --sites ffn --k 1 --alpha 50 --output out/\n"
     "  austeer fit --model gemma3-270m --task copa --sites attention ffn --output out-gemma/\n"
-    "  austeer fit --data mine.jsonl --template 'Q: {question}\\nA:' --choices ' yes' ' no' --output out/",
+    "  austeer fit --data mine.jsonl --template 'Q: {question}\\nA:' --choices ' yes' ' no' --output out/\n"
+    "  austeer fit --task boolq --checkpoint counts.safetensors --output out/   # rerun it to resume after a crash",
     add_fit_arguments, run_fit,
 )

@@ -16,13 +16,12 @@ from typing import Any, Optional, Union
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..fitting import inputs
-from ..fitting.pairs import as_text_pairs
+from ..fitting.activations import read_pair_activations
 from ..fitting.scores import MomentumScores, adaptive_gamma, check_alpha
 from ..tuner.aus import AU
-from ..tuner.sites import find_decoder_layers
+from ..tuner.sites import SiteModule, find_decoder_layers, hidden_size
 
 CAA_MULTIPLIERS = (0.5, 1.0, 2.0, 4.0, 8.0)
 CAA_LAYER_FRACTIONS = (0.25, 0.4, 0.5, 0.6, 0.75)  # depths swept, as fractions of the number of layers
@@ -63,42 +62,24 @@ class CAAVectors:
 
 
 def caa_vectors(model: nn.Module, tokenizer: Any, pairs: Any, *, batch_size: int = 16,
-                max_length: Optional[int] = None, progress: bool = True) -> CAAVectors:
+                max_length: Optional[int] = None, progress: bool = True, share_prompts: bool = True) -> CAAVectors:
     """One pass over the pairs (the unsteered model, adapters disabled) reading every decoder layer's last-token
-    output; the same batching and last-token rule as the AUSteer fit."""
+    output, through the AUSteer fit's reader (same batching, last-token rule and shared prompts)."""
     base = inputs.base_model(model)
-    _, layers = find_decoder_layers(base)
-    text_pairs = as_text_pairs(pairs, tokenizer)
-    token_pairs = inputs.tokenize_pairs(tokenizer, text_pairs,
-                                        max_length=inputs.resolve_max_length(max_length, tokenizer, base))
-    batches = list(inputs.make_batches(token_pairs, batch_size, inputs.pad_token_id(tokenizer),
-                                       getattr(tokenizer, "padding_side", "right")))
-    sums: list[Optional[torch.Tensor]] = [None] * len(layers)
-    current: dict[str, torch.Tensor] = {}
+    name, layers = find_decoder_layers(base)
+    width = hidden_size(base)
+    targets = [SiteModule(f"{name}.{i}", None, i, "output", width) for i in range(len(layers))]
+    sums = torch.zeros(len(layers), width)
 
-    def reader(index: int):
-        def hook(module, args, output):
-            hidden = output if torch.is_tensor(output) else output[0]
-            rows = torch.arange(hidden.shape[0], device=hidden.device)
-            last = hidden[rows, current["last_token"].to(hidden.device)].float()
+    def add(activations: list[torch.Tensor]) -> None:
+        for index, last in enumerate(activations):  # [2B, hidden]: B positives, then their B negatives
             half = last.shape[0] // 2
-            difference = (last[:half] - last[half:]).sum(0).cpu()
-            sums[index] = difference if sums[index] is None else sums[index] + difference
-        return hook
+            sums[index] += (last[:half].float() - last[half:].float()).sum(0).cpu()
 
-    device = inputs.input_device(base)
-    accepts_position_ids = inputs.accepts(base, "position_ids")
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(inputs.unsteered(model))
-        stack.enter_context(inputs.eval_mode(base))
-        stack.enter_context(torch.inference_mode())
-        handles = [layer.register_forward_hook(reader(i)) for i, layer in enumerate(layers)]
-        stack.callback(lambda: [handle.remove() for handle in handles])
-        for batch in tqdm(batches, desc="CAA vectors", unit="batch", disable=not progress):
-            current["last_token"] = batch.last_token
-            batch_inputs = batch.model_inputs(device, position_ids=accepts_position_ids)
-            getattr(base, "base_model", base)(**batch_inputs)  # the backbone: no LM head needed
-    return CAAVectors(torch.stack(sums) / len(token_pairs), len(token_pairs))
+    num_pairs = read_pair_activations(model, tokenizer, pairs, targets, add, batch_size=batch_size,
+                                      max_length=max_length, share_prompts=share_prompts, progress=progress,
+                                      desc="CAA vectors")
+    return CAAVectors(sums / num_pairs, num_pairs)
 
 
 @contextlib.contextmanager

@@ -1,8 +1,11 @@
 """fit_austeer: contrastive pairs in, a steered PeftModel and the full momentum table out.
 
-One pass over the pairs with the unsteered model: each batch puts B positives and their B negatives through one
-forward, hooks turn the last-token activations into sign counts (see :mod:`austeer_peft.fitting.counter`), and the forward
-stops right after the last candidate module. The top-k AUs by discriminative score become the adapter.
+One pass over the pairs with the unsteered model: each batch runs its pairs' shared prompts once (KV cache) and then
+the B positive and B negative continuations in one forward (pairs without a shared prompt: full sequences), hooks turn
+the last-token activations into sign counts (see :mod:`austeer_peft.fitting.activations` and
+:mod:`austeer_peft.fitting.counter`), and every forward stops right after the last candidate module. The top-k AUs by
+discriminative score become the adapter. A checkpoint makes the pass resumable
+(:mod:`austeer_peft.fitting.checkpoint`); a batch that runs out of memory is retried in halves.
 
 Scaling out runs on the existing engines. A model dispatched with ``device_map`` (accelerate hooks, offload) is read
 and counted on each layer's own device. Under ``torchrun`` / ``accelerate launch`` every process passes the same
@@ -31,6 +34,8 @@ from ..tuner.config import AUSteerConfig
 from ..tuner.sites import candidate_modules
 from . import inputs
 from .auto import AUTO_ALPHAS, AUTO_KS, choose_k_alpha, split_folds
+from .activations import can_share_prompts, read_pairs
+from .checkpoint import CountsCheckpoint, fingerprint, process_path
 from .counter import MomentumCounter
 from .pairs import as_text_pairs
 from .scores import MomentumScores
@@ -72,6 +77,9 @@ def fit_austeer(
     auto_criterion: str = "accuracy",
     auto_folds: Optional[int] = None,
     auto_heldout: int = 128,
+    share_prompts: bool = True,
+    checkpoint: Union[str, os.PathLike, None] = None,
+    checkpoint_every: int = 10,
 ) -> FitResult:
     """Fit an AUSteer adapter: count activation momentum on contrastive pairs, keep the top-k AUs, set γ from α.
 
@@ -104,16 +112,26 @@ def fit_austeer(
             pass the same pairs and arguments, and every process gets the same result; ``False`` fits each process
             on its own pairs. Only the main process should write files: ``scores.save`` does so by itself,
             ``save_pretrained`` takes ``is_main_process``.
+        share_prompts: run the prompt two texts of a pair start with once (KV cache) and both continuations from
+            it; the counts are those of the full sequences. Pairs without a shared prompt, and models whose forward
+            takes no ``past_key_values``/``position_ids``, run full sequences. ``False``: full sequences always.
+        checkpoint: a file (``counts.safetensors``) to write the partial counts to every ``checkpoint_every``
+            batches and at the end; a fit started again with the same pairs and arguments resumes from it (one
+            file per process in a data-parallel fit). Not with ``k="auto"``/``alpha="auto"``.
 
     Returns:
         FitResult with ``peft_model`` (the model wrapped with the fitted adapter; the base model is modified in place,
         as ``get_peft_model`` does) and ``scores`` (the full MomentumScores).
     """
     if k == "auto" or alpha == "auto":
+        if checkpoint is not None:
+            raise ValueError("`checkpoint` is not supported with k='auto' or alpha='auto' (they count several folds). "
+                             "Resume a fixed (k, alpha) fit, or checkpoint compute_momentum and choose from its scores.")
         return _fit_auto(model, tokenizer, pairs, sites, k, alpha, target_modules=target_modules, position=position,
                          batch_size=batch_size, max_length=max_length, chat_template=chat_template,
                          adapter_name=adapter_name, progress=progress, distributed=distributed,
-                         criterion=auto_criterion, folds=auto_folds, max_heldout=auto_heldout)
+                         criterion=auto_criterion, folds=auto_folds, max_heldout=auto_heldout,
+                         share_prompts=share_prompts)
     config = AUSteerConfig(sites=sites, target_modules=target_modules, position=position, k=k, alpha=alpha)
     candidates = candidate_modules(inputs.base_model(model), config)
     num_aus = sum(c.width for c in candidates)
@@ -121,13 +139,15 @@ def fit_austeer(
         raise ValueError(f"k={config.k} is larger than the number of candidate AUs ({num_aus} over {len(candidates)} "
                          f"modules of sites {config.sites or config.target_modules}); use k <= {num_aus} or add sites.")
     scores = compute_momentum(model, tokenizer, pairs, config=config, batch_size=batch_size, max_length=max_length,
-                              chat_template=chat_template, progress=progress, distributed=distributed)
+                              chat_template=chat_template, progress=progress, distributed=distributed,
+                              share_prompts=share_prompts, checkpoint=checkpoint, checkpoint_every=checkpoint_every)
     peft_model = scores.to_adapter(config.k, config.alpha, model, adapter_name=adapter_name)
     return FitResult(peft_model=peft_model, scores=scores)
 
 
 def _fit_auto(model, tokenizer, pairs, sites, k, alpha, *, target_modules, position, batch_size, max_length,
-              chat_template, adapter_name, progress, distributed, criterion, folds, max_heldout) -> FitResult:
+              chat_template, adapter_name, progress, distributed, criterion, folds, max_heldout,
+              share_prompts) -> FitResult:
     """``fit_austeer`` with ``k="auto"`` and/or ``alpha="auto"``: count each fold and the rest (one pass over all
     pairs), choose on the folds, keep the counts of all pairs."""
     config = AUSteerConfig(sites=sites, target_modules=target_modules, position=position,
@@ -135,7 +155,8 @@ def _fit_auto(model, tokenizer, pairs, sites, k, alpha, *, target_modules, posit
     never_heldout, heldout = split_folds(as_text_pairs(pairs, tokenizer, chat_template=chat_template), folds,
                                          max_heldout)
     count = functools.partial(compute_momentum, model, tokenizer, config=config, batch_size=batch_size,
-                              max_length=max_length, progress=progress, distributed=distributed)
+                              max_length=max_length, progress=progress, distributed=distributed,
+                              share_prompts=share_prompts)
     heldout_bar = tqdm(heldout, desc="AUSteer momentum, held-out folds", unit="fold", disable=not progress)
     fold_counts = [count(fold, progress=False) for fold in heldout_bar]  # one bar, not one per fold
     scores = functools.reduce(operator.add, fold_counts)
@@ -163,6 +184,9 @@ def compute_momentum(
     chat_template: bool = False,
     progress: bool = True,
     distributed: Optional[bool] = None,
+    share_prompts: bool = True,
+    checkpoint: Union[str, os.PathLike, None] = None,
+    checkpoint_every: int = 10,
 ) -> MomentumScores:
     """The counting pass of :func:`fit_austeer` alone: MomentumScores for all candidate AUs, no adapter.
 
@@ -180,10 +204,9 @@ def compute_momentum(
                                         max_length=inputs.resolve_max_length(max_length, tokenizer, base_model))
     inputs.check_distinct(token_pairs)
 
-    accepts_position_ids = inputs.accepts(base_model, "position_ids")
-    device = inputs.input_device(base_model)
-    batches = list(inputs.make_batches(token_pairs, batch_size, inputs.pad_token_id(tokenizer),
-                                       getattr(tokenizer, "padding_side", "right")))
+    pad_id, padding_side = inputs.pad_token_id(tokenizer), getattr(tokenizer, "padding_side", "right")
+    share_prompts = _check_flag("share_prompts", share_prompts) and can_share_prompts(base_model)
+    batches = inputs.plan_batches(token_pairs, batch_size, pad_id, padding_side, share_prompts)
     share = inputs.data_parallel_share(distributed, token_pairs, candidates, batch_size)
     if share is not None:
         rank, world_size = share
@@ -191,14 +214,23 @@ def compute_momentum(
         progress = progress and rank == 0
 
     counter = MomentumCounter(base_model, candidates)
+    saver, done = None, set()
+    if checkpoint is not None:
+        key = fingerprint(token_pairs, candidates, batch_size=batch_size, share_prompts=share_prompts, share=share,
+                          padding_side=padding_side, model=_model_identity(base_model))
+        saver = CountsCheckpoint(process_path(checkpoint, share), key, len(batches), checkpoint_every)
+        done = saver.restore(counter)
+    todo = [i for i in range(len(batches)) if i not in done]
     with contextlib.ExitStack() as stack:
         stack.enter_context(inputs.unsteered(model))
         stack.enter_context(inputs.eval_mode(base_model))
         stack.enter_context(torch.inference_mode())
         stack.enter_context(counter)
-        for batch in tqdm(batches, desc="AUSteer activation momentum", unit="batch", disable=not progress):
-            batch_inputs = batch.model_inputs(device, position_ids=accepts_position_ids)
-            counter.count_batch(lambda: base_model(**batch_inputs), batch.last_token, batch.input_ids.shape[1])
+        read_pairs(base_model, [batches[i] for i in todo], counter.count_batch, token_pairs=token_pairs,
+                   pad_id=pad_id, padding_side=padding_side, progress=progress, desc="AUSteer activation momentum",
+                   on_batch_done=None if saver is None else lambda j: saver.batch_done(todo[j], counter))
+    if saver is not None:
+        saver.save(counter)
     if share is not None:
         counter.all_reduce()
 
@@ -210,3 +242,18 @@ def compute_momentum(
             stacklevel=2,
         )
     return counter.to_scores(base_model, config)
+
+
+def _check_flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be True or False, got {value!r}.")
+    return value
+
+
+def _model_identity(model: nn.Module) -> dict:
+    """What a checkpoint remembers of the model: its type, where it came from, its shape and dtype."""
+    config = getattr(model, "config", None)
+    parameter = next(model.parameters(), None)
+    return {"model_type": getattr(config, "model_type", None), "name": getattr(config, "_name_or_path", None),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "dtype": None if parameter is None else str(parameter.dtype)}

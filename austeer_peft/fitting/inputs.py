@@ -15,7 +15,7 @@ import json
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -141,6 +141,11 @@ class Batch:
             inputs["position_ids"] = self.position_ids.to(device)
         return inputs
 
+    @property
+    def cost(self) -> int:
+        """Padded tokens this batch puts through the model."""
+        return self.input_ids.numel()
+
 
 def make_batches(token_pairs: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int,
                  padding_side: str = "right") -> Iterator[Batch]:
@@ -153,13 +158,115 @@ def make_batches(token_pairs: list[tuple[list[int], list[int]]], batch_size: int
         raise ValueError(f"tokenizer.padding_side must be 'left' or 'right', got {padding_side!r}.")
     order = sorted(range(len(token_pairs)), key=lambda j: -max(len(token_pairs[j][0]), len(token_pairs[j][1])))
     for start in range(0, len(order), batch_size):
-        pair_indices = order[start:start + batch_size]
-        sequences = [token_pairs[j][0] for j in pair_indices] + [token_pairs[j][1] for j in pair_indices]
-        padded = pad(sequences, pad_id, padding_side)
-        seq_len = padded["input_ids"].shape[1]
-        lengths = padded["attention_mask"].sum(-1)
-        last_token = lengths - 1 if padding_side == "right" else torch.full_like(lengths, seq_len - 1)
-        yield Batch(padded["input_ids"], padded["attention_mask"], padded["position_ids"], last_token, pair_indices)
+        yield full_batch(token_pairs, order[start:start + batch_size], pad_id, padding_side)
+
+
+def full_batch(token_pairs: list[tuple[list[int], list[int]]], pair_indices: list[int], pad_id: int,
+               padding_side: str) -> Batch:
+    """The pairs ``pair_indices`` as one batch of full sequences."""
+    sequences = [token_pairs[j][0] for j in pair_indices] + [token_pairs[j][1] for j in pair_indices]
+    padded = pad(sequences, pad_id, padding_side)
+    seq_len = padded["input_ids"].shape[1]
+    lengths = padded["attention_mask"].sum(-1)
+    last_token = lengths - 1 if padding_side == "right" else torch.full_like(lengths, seq_len - 1)
+    return Batch(padded["input_ids"], padded["attention_mask"], padded["position_ids"], last_token, list(pair_indices))
+
+
+# ---------------------------------------------------------------------------------------------------- shared prompts
+
+MIN_SHARED_TOKENS = 2  # a lone BOS is no prompt: sharing it would cost a forward and save nothing
+
+
+def shared_prompt_length(positive: Sequence[int], negative: Sequence[int]) -> int:
+    """Tokens both texts of a pair start with and that can be computed once: their common prefix, less at least
+    the last token of each text (where activations are read). 0 when the pair has no prompt worth sharing."""
+    shared = min(common_prefix_length(positive, negative), len(positive) - 1, len(negative) - 1)
+    return shared if shared >= MIN_SHARED_TOKENS else 0
+
+
+@dataclass
+class SharedPromptBatch:
+    """Pairs that share a prompt: the prompts run once (left-padded, filling a KV cache), then the ``2B``
+    continuations (right-padded, B positives then their B negatives) run from that cache, twice repeated.
+
+    Left-padded prompts followed by right-padded continuations keep each row's real tokens contiguous, so the last
+    token sees exactly the tokens (and positions) it sees in the full sequence; the tokenizer's padding side does not
+    matter here.
+    """
+
+    prompt_ids: torch.Tensor  # [B, P], left-padded
+    prompt_mask: torch.Tensor  # [B, P]
+    prompt_positions: torch.Tensor  # [B, P]
+    continuation_ids: torch.Tensor  # [2B, C], right-padded
+    continuation_mask: torch.Tensor  # [2B, C]
+    continuation_positions: torch.Tensor  # [2B, C], each row's prompt length onwards
+    last_token: torch.Tensor  # [2B], last real token of each continuation (index into C)
+    pair_indices: list[int]
+
+    def prompt_inputs(self, device: torch.device, cache: Any, cache_argument: str = "cache") -> dict[str, Any]:
+        """The prompts' forward, filling ``cache`` (passed as ``cache_argument``: transformers 5 calls it ``cache``,
+        older models ``past_key_values``)."""
+        return {"input_ids": self.prompt_ids.to(device), "attention_mask": self.prompt_mask.to(device),
+                "position_ids": self.prompt_positions.to(device), cache_argument: cache, "use_cache": True}
+
+    def continuation_inputs(self, device: torch.device, cache: Any, cache_argument: str = "cache") -> dict[str, Any]:
+        """The continuations' forward from the prompts' ``cache`` (repeated to ``2B`` rows)."""
+        mask = torch.cat([self.prompt_mask.repeat(2, 1), self.continuation_mask], dim=1)  # [2B, P + C]
+        return {"input_ids": self.continuation_ids.to(device), "attention_mask": mask.to(device),
+                "position_ids": self.continuation_positions.to(device), cache_argument: cache, "use_cache": True}
+
+    @property
+    def cost(self) -> int:
+        return self.prompt_ids.numel() + self.continuation_ids.numel()
+
+
+def shared_prompt_batch(token_pairs: list[tuple[list[int], list[int]]], pair_indices: list[int],
+                        pad_id: int) -> SharedPromptBatch:
+    """The pairs ``pair_indices`` (each with a prompt to share) as one shared-prompt batch."""
+    shared = [shared_prompt_length(*token_pairs[j]) for j in pair_indices]
+    if not all(shared):
+        raise ValueError("shared_prompt_batch needs pairs that share a prompt; see shared_prompt_length.")
+    prompts = pad([token_pairs[j][0][:n] for j, n in zip(pair_indices, shared)], pad_id, "left")
+    continuations = pad([token_pairs[j][0][n:] for j, n in zip(pair_indices, shared)]
+                        + [token_pairs[j][1][n:] for j, n in zip(pair_indices, shared)], pad_id, "right")
+    lengths = continuations["attention_mask"].sum(-1)
+    offsets = torch.tensor(shared + shared).unsqueeze(1)  # [2B, 1]
+    positions = offsets + torch.arange(continuations["input_ids"].shape[1])  # [2B, C]
+    return SharedPromptBatch(prompts["input_ids"], prompts["attention_mask"], prompts["position_ids"],
+                             continuations["input_ids"], continuations["attention_mask"], positions, lengths - 1,
+                             list(pair_indices))
+
+
+PairBatch = Union[Batch, SharedPromptBatch]
+
+
+def plan_batches(token_pairs: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int,
+                 padding_side: str = "right", share_prompts: bool = True) -> list[PairBatch]:
+    """All batches of a pass: pairs that share a prompt in shared-prompt batches, the others (or all, with
+    ``share_prompts=False``) in full-sequence ones, each kind longest first.
+
+    Deterministic: the same pairs and settings always give the same batches (a checkpoint counts on it).
+    """
+    if not share_prompts:
+        return list(make_batches(token_pairs, batch_size, pad_id, padding_side))
+    shared = [j for j, pair in enumerate(token_pairs) if shared_prompt_length(*pair)]
+    alone = sorted(set(range(len(token_pairs))) - set(shared))
+    shared.sort(key=lambda j: -len(token_pairs[j][0]) - len(token_pairs[j][1]))
+    batches: list[PairBatch] = [shared_prompt_batch(token_pairs, shared[start:start + batch_size], pad_id)
+                                for start in range(0, len(shared), batch_size)]
+    batches += [full_batch(token_pairs, [alone[i] for i in batch.pair_indices], pad_id, padding_side)
+                for batch in make_batches([token_pairs[j] for j in alone], batch_size, pad_id, padding_side)]
+    return batches
+
+
+def rebatch(batch: PairBatch, token_pairs: list[tuple[list[int], list[int]]], size: int, pad_id: int,
+            padding_side: str) -> list[PairBatch]:
+    """``batch`` as consecutive batches of at most ``size`` pairs, of the same kind (to retry after running out of
+    memory). They are the batches a pass planned at ``size`` would make when ``size`` divides the planned size."""
+    chunks = [batch.pair_indices[start:start + size] for start in range(0, len(batch.pair_indices), size)]
+    if isinstance(batch, SharedPromptBatch):
+        return [shared_prompt_batch(token_pairs, chunk, pad_id) for chunk in chunks]
+    return [full_batch(token_pairs, chunk, pad_id, padding_side) for chunk in chunks]
 
 
 # ---------------------------------------------------------------------------------------------------- processes
@@ -203,7 +310,7 @@ def data_parallel_share(distributed: Optional[bool], token_pairs: list[tuple[lis
     return state.process_index, state.num_processes
 
 
-def shard_batches(batches: list[Batch], rank: int, world_size: int) -> list[Batch]:
+def shard_batches(batches: list[PairBatch], rank: int, world_size: int) -> list[PairBatch]:
     """This process's share of the batches: each batch, longest first, goes to the process with the fewest padded
     tokens so far (ties: the lower rank). Every process computes the same split, and the work comes out even.
 
@@ -214,7 +321,7 @@ def shard_batches(batches: list[Batch], rank: int, world_size: int) -> list[Batc
     mine = []
     for batch in batches:
         target = loads.index(min(loads))
-        loads[target] += batch.input_ids.numel()
+        loads[target] += batch.cost
         if target == rank:
             mine.append(batch)
     return mine

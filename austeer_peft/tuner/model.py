@@ -92,22 +92,30 @@ class AUSteerModel(BaseTuner):
     def _layers(self) -> dict[str, AUSteerLayer]:
         return {m.candidate.name: m for m in self.model.modules() if isinstance(m, AUSteerLayer)}
 
+    def _module_at(self, name: str) -> nn.Module:
+        """The outermost module at ``name`` (a name without PEFT's ``.base_layer`` hops), found along the path
+        rather than by listing every module: setting k AUs on a 70B model walks k paths, not k times the model."""
+        module = self.model
+        for part in filter(None, name.split(".")):
+            while part not in module._modules and hasattr(module, "base_layer"):
+                module = module.base_layer
+            module = module._modules[part]
+        return module
+
     def _wrap(self, candidate: SiteModule, adapter_name: str) -> AUSteerLayer:
-        modules = base_named_modules(self.model)
-        target = modules[candidate.name]
+        target = self._module_at(candidate.name)
         if not isinstance(target, AUSteerLayer):
             parent_name, _, child_name = candidate.name.rpartition(".")
-            parent = modules[parent_name] if parent_name else self.model
+            parent = self._module_at(parent_name)
             if isinstance(parent, AUSteerLayer):
                 parent = parent.get_base_layer()
             self._create_and_replace(self.peft_config[adapter_name], adapter_name, target, child_name, parent,
                                      candidate.name, candidate=candidate)
-        return base_named_modules(self.model)[candidate.name]
+        return self._module_at(candidate.name)
 
     def _unwrap(self, layer: AUSteerLayer) -> None:
-        modules = base_named_modules(self.model)
         parent_name, _, child_name = layer.candidate.name.rpartition(".")
-        parent = modules[parent_name] if parent_name else self.model
+        parent = self._module_at(parent_name)
         if isinstance(parent, AUSteerLayer):
             parent = parent.get_base_layer()
         setattr(parent, child_name, layer.base_layer)

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -25,17 +26,26 @@ ROOT = Path(__file__).resolve().parents[2]
 CASES = {"split": (13, 2), "one_batch": (3, 4)}
 
 
-def fit_and_save(folder: Path, num_pairs: int, batch_size: int, seed: int = 7, **kwargs) -> int:
-    """Fit on the tiny model, write this process's scores and adapter to `folder`; return the number of forwards."""
+def fit_and_save(folder: Path, num_pairs: int, batch_size: int, seed: int = 7, crash_at: Optional[int] = None,
+                 **kwargs) -> int:
+    """Fit on the tiny model, write this process's scores and adapter to `folder`; return the number of batches
+    (forwards of the continuations: each batch first runs its shared prompts). ``crash_at``: raise at that
+    forward, as a crash would."""
     model = tiny_model("llama")
     forwards = []
-    model.register_forward_pre_hook(lambda *args: forwards.append(1))
+
+    def count(module, args, kwargs):
+        forwards.append(kwargs.get("cache") is None or kwargs["cache"].get_seq_length() > 0)
+        if len(forwards) == crash_at:
+            raise KeyboardInterrupt("crash")
+
+    model.register_forward_pre_hook(count, with_kwargs=True)
     result = fit_austeer(model, char_tokenizer(), random_pairs(num_pairs, seed=seed), sites=ALL_SITES, k=12,
                          alpha=4.0, batch_size=batch_size, progress=False, **kwargs)
     folder.mkdir(parents=True)
     result.scores.save(folder / "scores.safetensors", is_main_process=True)  # every process: to compare them all
     result.peft_model.save_pretrained(folder / "adapter")
-    return len(forwards)
+    return sum(forwards)
 
 
 def worker(out: Path) -> None:
@@ -58,6 +68,14 @@ def worker(out: Path) -> None:
         fit_austeer(tiny_model("llama"), char_tokenizer(), random_pairs(5 + rank), sites=["ffn"], k=3, progress=False)
     except ValueError as error:
         report["mismatch"] = str(error)
+
+    # A crash midway on both processes, then a resumed fit (each process from its own checkpoint file).
+    checkpoint = out / "counts.safetensors"
+    try:
+        fit_and_save(out / f"crashed-rank{rank}", 13, 2, crash_at=3, checkpoint=checkpoint, checkpoint_every=1)
+    except KeyboardInterrupt:
+        report["checkpoint_files"] = sorted(p.name for p in out.glob("counts*"))
+    report["resumed"] = fit_and_save(out / f"resumed-rank{rank}", 13, 2, checkpoint=checkpoint)
 
     # distributed=False: each process fits its own pairs, with no collective.
     report["local"] = fit_and_save(out / f"local-rank{rank}", 5, 2, seed=rank, distributed=False)
@@ -93,6 +111,14 @@ def test_two_processes_split_the_pairs_and_match_a_single_process_fit_byte_for_b
     assert not (out / "default-save-rank1.safetensors").exists()
     for report in reports:
         assert "different pairs" in report["mismatch"] and "[5, 6]" in report["mismatch"]
+
+    # Resumed after the crash: one batch per process was done (3 forwards: prompts, continuations, prompts), so
+    # the others ran, and both processes end with the uninterrupted fit's bytes.
+    assert sum(r["resumed"] for r in reports) == 7 - 2
+    for rank in (0, 1):  # each process wrote its own file before the crash
+        assert f"counts.rank{rank}-of-2.safetensors" in reports[rank]["checkpoint_files"]
+    for rank in (0, 1):
+        assert same_files(out / f"resumed-rank{rank}", tmp_path / "single-split"), rank
 
     for rank in (0, 1):
         assert reports[rank]["local"] == 3  # all 5 pairs in 3 batches: nothing split

@@ -132,7 +132,11 @@ def test_forward_stops_after_the_last_needed_module():
     # The last o_proj's *input* is read in a pre-hook, so not even that projection runs.
     assert calls == {"lm_head": 0, "norm": 0, "last_mlp": 0, "last_o_proj": 0}
     compute_momentum(model, tokenizer, random_pairs(4), sites=["residual"], batch_size=2, progress=False)
-    assert calls["lm_head"] == 0 and calls["norm"] == 0 and calls["last_mlp"] == 2
+    # 2 batches, each its shared prompts then both continuations: 4 forwards, none past the last block.
+    assert calls["lm_head"] == 0 and calls["norm"] == 0 and calls["last_mlp"] == 4
+    compute_momentum(model, tokenizer, random_pairs(4), sites=["residual"], batch_size=2, progress=False,
+                     share_prompts=False)
+    assert calls["lm_head"] == 0 and calls["norm"] == 0 and calls["last_mlp"] == 6
     for hook in hooks:
         hook.remove()
     assert no_hooks_left(model)
