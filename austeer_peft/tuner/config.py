@@ -48,6 +48,9 @@ class AUSteerConfig(PeftConfig):
         steered_modules: filled by the package: each module that carries AUs, mapped to its number of candidate
             AUs (its width). The adapter file indexes into this list; loading checks it against the base model.
         base_model_type: filled by the package: ``config.model_type`` of the model the AUs were chosen on.
+        base_model_source: filled by ``austeer_peft.save_adapter``: where the base model's weights came from when
+            not from ``base_model_name_or_path``'s own checkpoint, e.g. a GGUF file and its quantization (metadata
+            for the model card; loading does not read it).
         aus: filled by the package: the AUs themselves, ``{module: [[dim, γ], ...]}``, the same as the adapter's
             weights table. Loaders that read only ``adapter_config.json`` and then load weights by parameter name
             (transformers' ``model.load_adapter``, ``from_pretrained(adapter_dir)``, ``pipeline``) set the AUs from
@@ -67,6 +70,7 @@ class AUSteerConfig(PeftConfig):
     scope_position: Optional[int] = field(default=None, metadata={"help": "First steered position (from_position)."})
     steered_modules: dict[str, int] = field(default_factory=dict, metadata={"help": "Filled on set_aus."})
     base_model_type: Optional[str] = field(default=None, metadata={"help": "Filled on set_aus."})
+    base_model_source: Optional[dict] = field(default=None, metadata={"help": "GGUF origin of the base weights."})
     aus: Optional[dict[str, list[list[float]]]] = field(default=None, metadata={"help": "Filled on set_aus."})
     modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Unused; PEFT API parity."})
 
