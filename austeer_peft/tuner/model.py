@@ -26,8 +26,8 @@ from .layer import AUSteerLayer
 from .offload import execution_device, offloaded_owners, onloaded_weights
 from .scope import TokenPositions, input_width, position_reading_hook
 from .sites import SiteModule, base_named_modules, candidate_modules, find_decoder_layers
-from .table import (TABLE_KEYS, aus_to_config_entry, config_to_aus, layers_to_table, read_table,
-                    refuse_injection_without_aus, same_aus, same_table, table_to_aus)
+from .table import (TABLE_KEYS, adapter_aus_to_inject, aus_to_config_entry, layers_to_table, same_table,
+                    table_to_aus)
 
 __all__ = ["AUSteerModel", "check_adapter_matches_model", "execution_device"]
 
@@ -57,10 +57,9 @@ class AUSteerModel(BaseTuner):
 
     def __init__(self, model: nn.Module, peft_config, adapter_name: str, low_cpu_mem_usage: bool = False,
                  state_dict: Optional[dict] = None) -> None:
-        # PeftModel passes {name: config} and keeps this tuner, which then receives the adapter's weights table.
-        # peft.inject_adapter_in_model (what transformers' load_adapter / from_pretrained(adapter) / pipeline call)
-        # passes one config and keeps only the wrapped model: no table ever reaches the tuner, so the AUs must come
-        # from the config (``config.aus``) or the injection is refused (see inject_adapter).
+        # PeftModel passes {name: config} and keeps this tuner, which later receives the weights table; peft's
+        # inject_adapter_in_model (transformers' load_adapter, from_pretrained(adapter), pipeline) passes one config and
+        # keeps only the wrapped model, so the AUs must come with the config (see table.adapter_aus_to_inject).
         self.__dict__["_standalone_injection"] = isinstance(peft_config, PeftConfig)
         super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
@@ -78,18 +77,7 @@ class AUSteerModel(BaseTuner):
         self._check_new_adapter_config(config)
         candidates = candidate_modules(model, config)
         check_adapter_matches_model(model, config, candidates)
-        source = config.__dict__.pop("_table_source", None)  # read once, for the first adapter made from the config
-        table = aus = None
-        if source is not None:
-            table = read_table(source[0], **source[1])
-            aus = table_to_aus(table, config)
-            if config.aus is not None and not same_aus(aus, config_to_aus(config)):
-                raise ValueError(f"The AUs in {source[0]}/adapter_config.json differ from its weights table; the "
-                                 "files do not belong together. Re-save the adapter with austeer_peft.")
-        elif config.aus is not None:
-            aus = config_to_aus(config)
-        elif self.__dict__.get("_standalone_injection"):
-            refuse_injection_without_aus(config)
+        table, aus = adapter_aus_to_inject(config, standalone=self.__dict__.get("_standalone_injection", False))
         if aus is not None:
             group_aus(aus, candidates)  # every check of set_aus, before anything changes
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -96,6 +96,28 @@ def config_to_aus(config: AUSteerConfig) -> list[AU]:
                                  f"{config.steered_modules[name]} dimensions; the file is corrupt.")
             aus.append(AU(name, dim, float(gamma)))
     return aus
+
+
+def adapter_aus_to_inject(config: AUSteerConfig, standalone: bool) -> tuple[Optional[dict], Optional[list[AU]]]:
+    """(table, AUs) an adapter brings when it is injected, or (None, None) when they come later.
+
+    From the weights table when the config was read by ``AUSteerConfig.from_pretrained`` (``PeftModel.from_pretrained``
+    and ``load_adapter``), checked against ``config.aus`` if both exist; else from ``config.aus``. ``standalone``:
+    injected by ``peft.inject_adapter_in_model``, after which no table ever comes, so a config without AUs is refused.
+    """
+    source = config.__dict__.pop("_table_source", None)  # read once, for the first adapter made from the config
+    if source is not None:
+        table = read_table(source[0], **source[1])
+        aus = table_to_aus(table, config)
+        if config.aus is not None and not same_aus(aus, config_to_aus(config)):
+            raise ValueError(f"The AUs in {source[0]}/adapter_config.json differ from its weights table; the files do "
+                             "not belong together. Re-save the adapter with austeer_peft.")
+        return table, aus
+    if config.aus is not None:
+        return None, config_to_aus(config)
+    if standalone:
+        refuse_injection_without_aus(config)
+    return None, None
 
 
 def refuse_injection_without_aus(config: AUSteerConfig) -> None:
