@@ -149,7 +149,7 @@ class _Base:
 
 def _describe_base(name_or_path: Optional[str], model_type: Optional[str],
                    source: Optional[dict] = None) -> _Base:
-    from .models import MODEL_ALIASES, canonical_hub_id, cache_dir
+    from .models import MODEL_ALIASES, cache_dir, canonical_hub_id
 
     source = source or {}
     alias = source.get("alias") if source.get("alias") in MODEL_ALIASES else None

@@ -31,7 +31,8 @@ def saved(tmp_path):
     peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), AUSteerConfig(sites=["attention", "ffn"]))
     peft_model.set_aus(AUS)
     peft_model.save_pretrained(tmp_path / "adapter")
-    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base)
     return base, tmp_path / "adapter"
 
 
