@@ -1,9 +1,9 @@
 """The ``austeer`` command line: the parser, ``main``, and the list of subcommands.
 
 Each subcommand is a :class:`Command` in :data:`COMMANDS` (the registry lives in ``cli/command.py``), defined in its
-own module (``fit``, ``evaluate_cmd`` for ``eval``, ``sweep``, ``merge``, ``export``, ``push``, ``inspect``) on top
-of the shared arguments of ``cli/arguments.py``. A new subcommand is two functions and one :func:`register_command`
-call; ``main`` needs no change.
+own module (``fit``, ``evaluate_cmd`` for ``eval``, ``sweep``, ``merge``, ``export``, ``push``, ``inspect``,
+``lm_eval`` for ``lm-eval``) on top of the shared arguments of ``cli/arguments.py``. A new subcommand is two
+functions and one :func:`register_command` call; ``main`` needs no change.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import Optional
 
-from . import evaluate_cmd, export, fit, inspect, merge, push, sweep
+from . import evaluate_cmd, export, fit, inspect, lm_eval, merge, push, sweep
 from ..hub.facts import package_version
 from .command import COMMANDS, Command, CommandError, register_command
 
@@ -32,12 +32,14 @@ Typical workflow:
                                                   an exact LoRA for per-request serving (vLLM, SGLang, ...)
   austeer push --adapter out/adapter --repo-id you/my-adapter
                                                   share the adapter (with its model card) on the Hub
+  austeer lm-eval --adapter out/adapter --tasks boolq
+                                                  lm-evaluation-harness on the steered model
 
 Run `austeer <command> --help` for the options of a command (`python -m austeer_peft.cli` works too).
 """
 
 # The built-in subcommands, in the order `austeer --help` lists them.
-for _module in (fit, evaluate_cmd, sweep, merge, export, push, inspect):
+for _module in (fit, evaluate_cmd, sweep, merge, export, push, inspect, lm_eval):
     register_command(_module.COMMAND)
 del _module
 
@@ -57,7 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of ``austeer`` and ``python -m austeer_peft.cli``; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.command is None or not COMMANDS[args.command].takes_extra_args):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra_args = extra
     if args.command is None:
         parser.print_help()
         return 2

@@ -14,13 +14,17 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Command:
-    """A subcommand: its name, one-line help, longer description, argument setup and runner."""
+    """A subcommand: its name, one-line help, longer description, argument setup and runner.
+
+    ``takes_extra_args``: arguments the subcommand does not define are handed to it as ``args.extra_args`` (for a
+    command that passes them on to another tool, as ``lm-eval``) instead of being refused."""
 
     name: str
     help: str
     description: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
+    takes_extra_args: bool = False
 
 
 COMMANDS: dict[str, Command] = {}

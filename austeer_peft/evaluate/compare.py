@@ -36,6 +36,8 @@ from ..fitting.selection import NO_STEER_NOTE, SELECTION_RULES, Selection
 from .tasks import Task
 from ..fitting.fit import compute_momentum
 from ..fitting.inputs import unsteered
+from ..hub.export import save_adapter_folder
+from ..hub.facts import attach_card_info
 from .sweep import DEFAULT_ALPHAS, DEFAULT_KS, SweepCell, SweepResult, scores_for_sites, select_cell, sweep_aus
 from .sweep import sweep_k_alpha, write_sweep_csv
 
@@ -186,7 +188,8 @@ def compare_methods(
                                           selection=selection)
         sweeps.append(sweep)
         methods.append(_method_result(sweep, lambda: evaluate(peft_model, "test"), vanilla_test,
-                                      lambda: _adapter_bytes(peft_model, name, output), fit_seconds,
+                                      lambda test: _adapter_bytes(peft_model, name, output, task, test, vanilla_test),
+                                      fit_seconds,
                                       lambda cell: {"k": cell.k, "alpha": cell.alpha}))
 
     if "block" in baselines:
@@ -205,7 +208,8 @@ def compare_methods(
                                             selection=selection)
         sweeps.append(block_sweep)
         methods.append(_method_result(block_sweep, lambda: evaluate(peft_model, "test"), vanilla_test,
-                                      lambda: _adapter_bytes(peft_model, "block_level", output), fit_seconds,
+                                      lambda test: _adapter_bytes(peft_model, "block_level", output, task, test,
+                                                                  vanilla_test), fit_seconds,
                                       lambda cell: {"blocks": blocks, "alpha": cell.alpha}))
 
     if "caa" in baselines:
@@ -243,7 +247,7 @@ def _caa(model, tokenizer, task, pairs, multipliers, evaluate, sweeps, vanilla_v
                 test = evaluate(model, "test")
     sweeps.append(sweep)
 
-    def size() -> int:
+    def size(_test: SplitResult) -> int:
         if output is None:
             return 4 * vectors.vectors.shape[1]
         return vectors.save(output / "adapters" / "caa.safetensors", chosen.k)
@@ -255,24 +259,29 @@ def _caa(model, tokenizer, task, pairs, multipliers, evaluate, sweeps, vanilla_v
 def _method_result(sweep: SweepResult, test, vanilla_test: SplitResult, adapter_bytes, fit_seconds: float,
                    settings) -> MethodResult:
     """The row of a swept method: its shipped cell scored on test, or, when nothing ships, the unsteered model
-    (``test``, ``adapter_bytes`` and ``settings`` are called only for a shipped cell)."""
+    (``test``, ``adapter_bytes`` (given the test result) and ``settings`` are called only for a shipped cell)."""
     chosen = sweep.chosen
     if chosen is None:
         return MethodResult(sweep.method, 0, vanilla_test, 0, fit_seconds, sweep.vanilla.accuracy, {},
                             sweep.selection)
-    return MethodResult(sweep.method, chosen.num_aus, test(), adapter_bytes(), fit_seconds, chosen.accuracy,
+    result = test()
+    return MethodResult(sweep.method, chosen.num_aus, result, adapter_bytes(result), fit_seconds, chosen.accuracy,
                         settings(chosen), sweep.selection)
 
 
-def _adapter_bytes(peft_model, adapter_name: str, output: Optional[Path]) -> int:
-    """Size of the adapter's weights file as saved (into ``output/adapters/<name>/`` or a temporary folder)."""
+def _adapter_bytes(peft_model, adapter_name: str, output: Optional[Path], task: Task, test: SplitResult,
+                   vanilla_test: SplitResult) -> int:
+    """Size of the adapter's weights file as saved: into ``output/adapters/<name>/`` with its own card, which shows
+    its test score next to the plain model's, or into a temporary folder."""
     import tempfile
 
+    attach_card_info(peft_model, adapter_name=adapter_name, eval_results=[{
+        "task": task.name, "metric": f"accuracy ({test.scoring})", "value": test.accuracy,
+        "baseline": vanilla_test.accuracy, "split": "test"}])
     with tempfile.TemporaryDirectory() as scratch:
-        folder = output / "adapters" if output is not None else Path(scratch)
-        peft_model.save_pretrained(str(folder), selected_adapters=[adapter_name])
-        saved = folder / adapter_name if adapter_name != "default" else folder
-        return (saved / "adapter_model.safetensors").stat().st_size
+        folder = output / "adapters" / adapter_name if output is not None else Path(scratch)
+        save_adapter_folder(peft_model, adapter_name, folder)
+        return (folder / "adapter_model.safetensors").stat().st_size
 
 
 def _write_outputs(comparison: Comparison, scores, peft_model, output: Path) -> None:

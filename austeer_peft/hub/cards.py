@@ -65,10 +65,13 @@ def render_card(facts: AdapterFacts, *, other_adapters: Optional[list[str]] = No
                 tags: Optional[list[str]] = None) -> ModelCard:
     """Fill the template with one adapter's facts."""
     config, aus = facts.config, facts.aus
-    base = _describe_base(facts.base_model, config.base_model_type)
+    base = _describe_base(facts.base_model, config.base_model_type, facts.base_source)
     rows = [_eval_table_row(r) for r in facts.eval_results]
+    # `base_model_relation: adapter` places the adapter in the base model's tree on the Hub.
+    relation = {"base_model_relation": "adapter"} if base.hub_id else {}
     card_data = ModelCardData(
         base_model=base.hub_id,
+        **relation,
         library_name="peft",
         tags=[*CARD_TAGS, *[t for t in (tags or []) if t not in CARD_TAGS]],
         datasets=facts.datasets or None,
@@ -144,22 +147,33 @@ class _Base:
     cli_name: Optional[str]  # what `austeer merge --model` takes
 
 
-def _describe_base(name_or_path: Optional[str], model_type: Optional[str]) -> _Base:
-    from .models import MODEL_ALIASES, cache_dir
+def _describe_base(name_or_path: Optional[str], model_type: Optional[str],
+                   source: Optional[dict] = None) -> _Base:
+    from .models import MODEL_ALIASES, cache_dir, canonical_hub_id
 
+    source = source or {}
+    alias = source.get("alias") if source.get("alias") in MODEL_ALIASES else None
+    if alias is None and name_or_path:  # adapters saved before the Hub id was recorded name the cache folder
+        alias = next((a for a in MODEL_ALIASES if Path(name_or_path).expanduser() == cache_dir() / a), None)
+    if alias is not None:
+        spec = MODEL_ALIASES[alias]
+        hub_id = canonical_hub_id(name_or_path) if name_or_path else None
+        hub_id = hub_id or spec.hub_id or None
+        repo = f"[{hub_id}](https://huggingface.co/{hub_id}) " if hub_id else ""
+        text = (f"{repo}as `{alias}`: the GGUF file {spec.gguf_file} ({spec.quantization or 'quantized'}, "
+                "dequantized on load by `austeer_peft.models.load_model`)")
+        return _Base(hub_id, alias, text,
+                     ["from austeer_peft.models import load_model", "",
+                      f"base, tokenizer = load_model({alias!r})  # the weights the AUs were chosen on"], alias)
+    gguf = f", from the GGUF file {source['gguf_file']}" if source.get("gguf_file") else ""
+    gguf_argument = f", gguf_file={source['gguf_file']!r}" if source.get("gguf_file") else ""
     if name_or_path:
-        for alias, spec in MODEL_ALIASES.items():
-            if Path(name_or_path).expanduser() == cache_dir() / alias:
-                return _Base(None, alias, f"`{alias}` ({spec.gguf_file}, loaded with "
-                             "`austeer_peft.models.load_model`)",
-                             ["from austeer_peft.models import load_model", "",
-                              f"base, tokenizer = load_model({alias!r})"], alias)
+        hub_id = canonical_hub_id(name_or_path)
         load = ["from transformers import AutoModelForCausalLM", "",
-                f"base = AutoModelForCausalLM.from_pretrained({name_or_path!r})"]
-        if HUB_REPO_ID.match(name_or_path) and not os.path.exists(name_or_path):
-            return _Base(name_or_path, name_or_path, f"[{name_or_path}](https://huggingface.co/{name_or_path})",
-                         load, name_or_path)
-        return _Base(None, Path(name_or_path).name or name_or_path, f"`{name_or_path}`", load, name_or_path)
+                f"base = AutoModelForCausalLM.from_pretrained({hub_id or name_or_path!r}{gguf_argument})"]
+        if hub_id is not None:
+            return _Base(hub_id, hub_id, f"[{hub_id}](https://huggingface.co/{hub_id}){gguf}", load, hub_id)
+        return _Base(None, Path(name_or_path).name or name_or_path, f"`{name_or_path}`{gguf}", load, name_or_path)
     kind = f"a `{model_type}` model" if model_type else "its base model"
     return _Base(None, model_type or "a transformers model", f"{kind} (not recorded)", None, None)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Optional, Union
@@ -25,10 +26,12 @@ from torch import nn
 from ..tuner.config import AUSteerConfig
 from ..tuner.layer import AUSteerLayer
 from ..tuner.sites import base_named_modules, is_linear_like, linear_features, merge_slices, unwrap
-from .cards import HUB_REPO_ID, adapter_card_from_folder, save_adapter_card
+from .cards import HUB_REPO_ID, adapter_card_from_folder, render_card, save_adapter_card
 from .facts import (
-    ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, CARD_NAME, austeer_tuner, load_austeer_card, package_version,
+    ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, CARD_NAME, austeer_tuner, facts_from_model, load_austeer_card,
+    package_version,
 )
+from .models import base_model_source
 
 PathLike = Union[str, os.PathLike]
 IA3_TAGS = ["ia3", "austeer", "activation-steering", "peft"]
@@ -42,11 +45,42 @@ def save_adapter(peft_model, save_directory: PathLike, *, tags: Optional[list[st
     """Save a PeftModel's AUSteer adapters with ``peft_model.save_pretrained(save_directory, ...)`` and write the
     AUSteer model card as ``README.md`` in place of PEFT's generic one (only where ``is_main_process``, as
     ``save_pretrained`` does). Returns the folder."""
-    austeer_tuner(peft_model)
+    record_base_model_source(peft_model)
     peft_model.save_pretrained(save_directory, **save_pretrained_kwargs)
     if save_pretrained_kwargs.get("is_main_process", True):
         save_adapter_card(peft_model, save_directory, tags=tags)
     return Path(save_directory)
+
+
+def save_adapter_folder(peft_model, adapter_name: str, folder: PathLike, *, tags: Optional[list[str]] = None) -> Path:
+    """Save one adapter of a PeftModel as a folder of its own: its config, table and its own AUSteer card, at the top
+    of ``folder`` (``PeftModel.from_pretrained(base, folder)`` loads it as "default"), whatever its name in the model.
+
+    ``save_pretrained(folder, selected_adapters=[name])`` would put a non-default adapter in ``folder/name`` and one
+    card for the whole model in ``folder``; several adapters saved that way share, and overwrite, that card.
+    """
+    austeer_tuner(peft_model)
+    if adapter_name not in peft_model.peft_config:
+        raise ValueError(f"No adapter named {adapter_name!r}; adapters: {sorted(peft_model.peft_config)}.")
+    record_base_model_source(peft_model)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        peft_model.save_pretrained(scratch, selected_adapters=[adapter_name])
+        saved = Path(scratch) / adapter_name if adapter_name != "default" else Path(scratch)
+        for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME):
+            shutil.copyfile(saved / name, folder / name)
+    render_card(facts_from_model(peft_model, adapter_name), tags=tags).save(folder / CARD_NAME)
+    return folder
+
+
+def record_base_model_source(peft_model) -> None:
+    """Copy where the base weights came from (a GGUF file, see ``models.base_model_source``) into every adapter's
+    config that does not say yet, so that adapter_config.json and the card carry it."""
+    source = base_model_source(austeer_tuner(peft_model).model)
+    for config in peft_model.peft_config.values():
+        if isinstance(config, AUSteerConfig) and config.base_model_source is None and source is not None:
+            config.base_model_source = source
 
 
 def push_to_hub(model_or_folder, repo_id: str, *, commit_message: Optional[str] = None,

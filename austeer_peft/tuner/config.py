@@ -48,6 +48,13 @@ class AUSteerConfig(PeftConfig):
         steered_modules: filled by the package: each module that carries AUs, mapped to its number of candidate
             AUs (its width). The adapter file indexes into this list; loading checks it against the base model.
         base_model_type: filled by the package: ``config.model_type`` of the model the AUs were chosen on.
+        base_model_source: filled by ``austeer_peft.save_adapter``: where the base model's weights came from when
+            not from ``base_model_name_or_path``'s own checkpoint, e.g. a GGUF file and its quantization (metadata
+            for the model card; loading does not read it).
+        aus: filled by the package: the AUs themselves, ``{module: [[dim, γ], ...]}``, the same as the adapter's
+            weights table. Loaders that read only ``adapter_config.json`` and then load weights by parameter name
+            (transformers' ``model.load_adapter``, ``from_pretrained(adapter_dir)``, ``pipeline``) set the AUs from
+            here when they inject the adapter; ``PeftModel.from_pretrained`` checks that both copies agree.
 
     A config read with :meth:`from_pretrained` remembers where it was read from (not saved), and the adapter created
     from it reads its AUs from the weights file saved there; see ``AUSteerModel.inject_adapter``.
@@ -63,6 +70,8 @@ class AUSteerConfig(PeftConfig):
     scope_position: Optional[int] = field(default=None, metadata={"help": "First steered position (from_position)."})
     steered_modules: dict[str, int] = field(default_factory=dict, metadata={"help": "Filled on set_aus."})
     base_model_type: Optional[str] = field(default=None, metadata={"help": "Filled on set_aus."})
+    base_model_source: Optional[dict] = field(default=None, metadata={"help": "GGUF origin of the base weights."})
+    aus: Optional[dict[str, list[list[float]]]] = field(default=None, metadata={"help": "Filled on set_aus."})
     modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Unused; PEFT API parity."})
 
     def __post_init__(self):
@@ -82,6 +91,11 @@ class AUSteerConfig(PeftConfig):
                     "`target_modules=[...]` with `position='input'|'output'` for other modules."
                 )
             self.sites = list(dict.fromkeys(sites))
+        if self.aus is not None and not (isinstance(self.aus, dict) and all(
+                isinstance(rows, list) and all(isinstance(r, (list, tuple)) and len(r) == 2 for r in rows)
+                for rows in self.aus.values())):
+            raise ValueError("`aus` must map module names to lists of [dim, gamma] pairs (it is filled by the "
+                             f"package; leave it out to set AUs with set_aus), got {str(self.aus)[:80]!r}.")
         if self.position not in ("input", "output"):
             raise ValueError(f"`position` must be 'input' or 'output', got {self.position!r}.")
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k <= 0:

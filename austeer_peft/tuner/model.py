@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from typing import Any, Optional
 
 import torch
+from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from tqdm import tqdm
@@ -25,7 +26,8 @@ from .layer import AUSteerLayer
 from .offload import execution_device, offloaded_owners, onloaded_weights
 from .scope import TokenPositions, input_width, position_reading_hook
 from .sites import SiteModule, base_named_modules, candidate_modules, find_decoder_layers
-from .table import TABLE_KEYS, layers_to_table, read_table, same_table, table_to_aus
+from .table import (TABLE_KEYS, adapter_aus_to_inject, aus_to_config_entry, layers_to_table, same_table,
+                    table_to_aus)
 
 __all__ = ["AUSteerModel", "check_adapter_matches_model", "execution_device"]
 
@@ -53,31 +55,38 @@ class AUSteerModel(BaseTuner):
 
     # ----------------------------------------------------------------------------------------------- injection
 
+    def __init__(self, model: nn.Module, peft_config, adapter_name: str, low_cpu_mem_usage: bool = False,
+                 state_dict: Optional[dict] = None) -> None:
+        # PeftModel passes {name: config} and keeps this tuner, which later receives the weights table; peft's
+        # inject_adapter_in_model (transformers' load_adapter, from_pretrained(adapter), pipeline) passes one config and
+        # keeps only the wrapped model, so the AUs must come with the config (see table.adapter_aus_to_inject).
+        self.__dict__["_standalone_injection"] = isinstance(peft_config, PeftConfig)
+        super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
                        low_cpu_mem_usage: bool = False, state_dict: Optional[dict] = None) -> None:
-        """Register an adapter: check its sites against the model, wrap nothing until AUs are set.
+        """Register an adapter: check its sites against the model, and set the AUs it already carries.
 
-        For a config read by ``AUSteerConfig.from_pretrained`` (as ``PeftModel.from_pretrained`` and
-        ``load_adapter`` do), the adapter's table is read from the same place and its AUs set here, not later when
-        PEFT loads the weights: PEFT's ``add_adapter`` removes the adapter again if this raises, so a missing,
-        corrupt or refused weights file, or a table that does not fit the model, leaves no adapter behind.
+        The AUs come from the weights table when the config was read by ``AUSteerConfig.from_pretrained`` (as
+        ``PeftModel.from_pretrained`` and ``PeftModel.load_adapter`` do), else from ``config.aus`` (what
+        ``save_pretrained`` writes into adapter_config.json); when both exist they must agree. They are set here, not
+        later when PEFT loads the weights: PEFT's ``add_adapter`` removes the adapter again if this raises, so a
+        missing, corrupt or refused file, or a table that does not fit the model, leaves no adapter behind.
         """
         config = self.peft_config[adapter_name]
         self._check_new_adapter_config(config)
         candidates = candidate_modules(model, config)
         check_adapter_matches_model(model, config, candidates)
-        source = config.__dict__.pop("_table_source", None)  # read once, for the first adapter made from the config
-        table = aus = None
-        if source is not None:
-            table = read_table(source[0], **source[1])
-            aus = table_to_aus(table, config)
+        table, aus = adapter_aus_to_inject(config, standalone=self.__dict__.get("_standalone_injection", False))
+        if aus is not None:
             group_aus(aus, candidates)  # every check of set_aus, before anything changes
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
         self._mark_only_adapters_as_trainable(model)
-        if table is not None:
+        if aus is not None:
             self.set_aus(aus, adapter_name=adapter_name)
             self.__dict__.setdefault("_tables_loaded", set()).add(adapter_name)
-            self.__dict__.setdefault("_tables_read_early", {})[adapter_name] = table
+            self.__dict__.setdefault("_tables_read_early", {})[adapter_name] = (
+                table if table is not None else layers_to_table(self._layers(), config, adapter_name))
 
     def _create_and_replace(self, peft_config: AUSteerConfig, adapter_name: str, target: nn.Module,
                             target_name: str, parent: nn.Module, current_key: str, **kwargs) -> None:
@@ -154,6 +163,7 @@ class AUSteerModel(BaseTuner):
                 layer._move_adapter_to_device_of_base_layer(adapter_name, device=execution_device(layer.base_layer))
         config.steered_modules = {c.name: c.width for c in sorted(candidates, key=lambda c: c.name) if c.name in grouped}
         config.base_model_type = getattr(getattr(self.model, "config", None), "model_type", None)
+        config.aus = aus_to_config_entry(grouped)
         self.targeted_module_names = list(self._layers())
         self._sync_token_positions()
 

@@ -4,14 +4,19 @@ One row per AU: ``index[:, 0]`` is the position of the AU's module in ``sorted(c
 keys, so sorted order is the one that survives a round trip), ``index[:, 1]`` its dimension; ``gamma`` its γ. Keys
 have no "." so that PEFT's adapter-name handling leaves them alone. Separate from the tuner because the hub reads
 saved tables without a model, and because the format is public: it must not change when the tuner does.
+
+``adapter_config.json`` carries the same AUs as ``aus`` (``{module: [[dim, γ], ...]}``), for the loaders that read the
+config and then load weights by parameter name, which no table key matches: transformers' ``load_adapter``,
+``from_pretrained(adapter_dir)`` and ``pipeline`` (through ``peft.inject_adapter_in_model``).
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-from typing import Union
+from typing import Optional, Union
 
+import numpy as np
 import torch
 
 from .aus import AU
@@ -69,6 +74,76 @@ def table_to_aus(state_dict: dict[str, torch.Tensor], config: AUSteerConfig) -> 
             )
         aus.append(AU(modules[module_id], dim, g))
     return aus
+
+
+def aus_to_config_entry(grouped: dict[str, dict[int, float]]) -> dict[str, list[list[float]]]:
+    """The ``aus`` entry of ``adapter_config.json`` for AUs grouped as module -> {dim: γ}: dims sorted, each γ as
+    the shortest decimal that reads back as the same float32 (the precision the layers and the table keep)."""
+    return {name: [[int(dim), float(str(np.float32(dims[dim])))] for dim in sorted(dims)]
+            for name, dims in sorted(grouped.items())}
+
+
+def config_to_aus(config: AUSteerConfig) -> list[AU]:
+    """The AUs stored in ``config.aus``, checked against ``config.steered_modules`` as a table is."""
+    aus = []
+    for name, rows in (config.aus or {}).items():
+        if name not in config.steered_modules:
+            raise ValueError(f"adapter_config.json has AUs for {name}, which is not in its steered_modules; the file "
+                             "was edited or is corrupt. Re-save the adapter with austeer_peft.")
+        for dim, gamma in rows:
+            if isinstance(dim, bool) or not isinstance(dim, int) or not 0 <= dim < config.steered_modules[name]:
+                raise ValueError(f"adapter_config.json has dimension {dim!r} for {name}, which has "
+                                 f"{config.steered_modules[name]} dimensions; the file is corrupt.")
+            aus.append(AU(name, dim, float(gamma)))
+    return aus
+
+
+def adapter_aus_to_inject(config: AUSteerConfig, standalone: bool) -> tuple[Optional[dict], Optional[list[AU]]]:
+    """(table, AUs) an adapter brings when it is injected, or (None, None) when they come later.
+
+    From the weights table when the config was read by ``AUSteerConfig.from_pretrained`` (``PeftModel.from_pretrained``
+    and ``load_adapter``), checked against ``config.aus`` if both exist; else from ``config.aus``. ``standalone``:
+    injected by ``peft.inject_adapter_in_model``, after which no table ever comes, so a config without AUs is refused.
+    """
+    source = config.__dict__.pop("_table_source", None)  # read once, for the first adapter made from the config
+    if source is not None:
+        table = read_table(source[0], **source[1])
+        aus = table_to_aus(table, config)
+        if config.aus is not None and not same_aus(aus, config_to_aus(config)):
+            raise ValueError(f"The AUs in {source[0]}/adapter_config.json differ from its weights table; the files do "
+                             "not belong together. Re-save the adapter with austeer_peft.")
+        return table, aus
+    if config.aus is not None:
+        return None, config_to_aus(config)
+    if standalone:
+        refuse_injection_without_aus(config)
+    return None, None
+
+
+def refuse_injection_without_aus(config: AUSteerConfig) -> None:
+    """``inject_adapter_in_model`` with a config that carries no AUs would leave a model that steers nothing."""
+    if config.steered_modules:
+        raise ValueError(
+            "This AUSteer adapter_config.json has no `aus` entry (it was saved by an older austeer-peft), so a loader "
+            "that reads only the config and loads weights by parameter name (transformers' model.load_adapter, "
+            "AutoModelForCausalLM.from_pretrained(adapter_dir), pipeline(model=adapter_dir), "
+            "peft.inject_adapter_in_model) cannot set its AUs. Use `import austeer_peft; "
+            "PeftModel.from_pretrained(model, adapter_dir)`, or load it that way once and save it again to make it "
+            "loadable by transformers too."
+        )
+    raise ValueError(
+        "An AUSteerConfig without AUs steers nothing, and peft.inject_adapter_in_model (also what transformers' "
+        "model.add_adapter calls) keeps no tuner to set them on later. AUs are data: use "
+        "`peft_model = get_peft_model(model, config)` and then `peft_model.set_aus(...)`, or "
+        "`austeer_peft.fit_austeer(...)`; load saved adapters with `PeftModel.from_pretrained` or `model.load_adapter`."
+    )
+
+
+def same_aus(a: list[AU], b: list[AU]) -> bool:
+    """Whether two AU lists steer the same (module, dim) by the same float32 γ, in any order."""
+    def key(aus: list[AU]) -> list[tuple[str, int, float]]:
+        return sorted((au.module, au.dim, float(np.float32(au.gamma))) for au in aus)
+    return key(a) == key(b)
 
 
 def same_table(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:

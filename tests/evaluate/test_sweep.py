@@ -340,3 +340,32 @@ def test_the_fit_command_writes_no_steer_that_does_not_beat_vanilla_on_validatio
     check = check_on_validation(result, tokenizer, task, argparse.Namespace(scoring=None, batch_size=16,
                                                                             selection="guarded"))
     assert not check.shipped and "no steer beats vanilla" in check.note and result.peft_model.get_aus() == []
+
+
+def test_each_saved_adapter_has_its_own_card(tmp_path):
+    """adapters/<name>/ holds each shipped adapter with a card about that adapter (its AUs, file size and test score
+    next to the plain model's); no shared adapters/README.md describes whichever was saved last."""
+    from huggingface_hub import ModelCard
+
+    model, tokenizer, task = tiny_model("llama"), char_tokenizer(), toy_task()
+    comparison = compare_methods(model, tokenizer, task, ks=[1, 4], alphas=[10.0], baselines=["block"],
+                                 output_dir=tmp_path, progress=False, selection="most-accurate")
+    rows = {row["method"]: row for row in comparison.table()}
+    assert not (tmp_path / "adapters" / "README.md").exists()
+    names = {"AUSteer-attention": "austeer_attention", "AUSteer-ffn": "austeer_ffn", "block-level": "block_level"}
+    sizes = set()
+    for method, name in names.items():
+        folder = tmp_path / "adapters" / name
+        aus = PeftModel.from_pretrained(tiny_model("llama"), folder).get_aus()
+        assert len(aus) == rows[method]["steered"]
+        card = ModelCard.load(folder / "README.md")
+        assert "austeer" in card.data.tags
+        size = (folder / "adapter_model.safetensors").stat().st_size
+        assert f"{size:,} bytes" in card.text or f"{size / 1024:,.1f} KiB" in card.text
+        steered = f"{len(aus)} activation{'s' if len(aus) != 1 else ''} in"
+        assert steered in card.text
+        [result] = card.data.eval_results
+        assert (result.dataset_name, result.dataset_split) == (task.name, "test")
+        assert round(100 * result.metric_value, 2) == rows[method]["test_accuracy"]
+        sizes.add(size)
+    assert len(sizes) > 1  # the block-level adapter is much larger: the cards cannot all be one card

@@ -122,12 +122,16 @@ def test_unknown_base_model_is_said_so(tmp_path):
 
 def test_local_and_alias_base_models(tmp_path, monkeypatch):
     monkeypatch.setenv("AUSTEER_CACHE", str(tmp_path / "cache"))
+    # An adapter saved before the Hub id was recorded names the alias's cache folder: the card still finds the alias
+    # and gives its Hub repository as the base model.
     card = adapter_card(steered(base_id=str(tmp_path / "cache" / "smollm2-135m")))
-    assert card.data.base_model is None  # the Hub only accepts repo ids there
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert "load_model('smollm2-135m')" in card.text and "austeer merge --model smollm2-135m" in card.text
     (tmp_path / "my-base").mkdir()
     card = adapter_card(steered(base_id=str(tmp_path / "my-base")))
-    assert card.data.base_model is None and f"from_pretrained({str(tmp_path / 'my-base')!r})" in card.text
+    assert card.data.base_model is None  # the Hub only accepts repo ids there
+    assert f"from_pretrained({str(tmp_path / 'my-base')!r})" in card.text
+    assert "base_model_relation" not in card.content
 
 
 def test_target_modules_adapter_card(tmp_path):
