@@ -4,14 +4,22 @@ per-request adapters in one batch (issue 20).
     python bench/bench_ops.py                                # SmolLM2-135M fp32, k = 100 fitted on 64 SST-2 pairs
     python bench/bench_ops.py --model llama-7b-shape         # random Llama-7B-shaped config (2 layers), 100 AUs
     python bench/bench_ops.py --mixed                        # also: 8 rows with 4 adapters vs 4 separate batches
+    python bench/bench_ops.py --compile-only                 # graph breaks vs LoRA, inductor vs eager (tiny model)
 
 Ops are counted with the torch profiler: every aten op that no other aten op called (what a GPU would launch one or
 more kernels for; the count is deterministic, unlike time on a shared machine). Workloads at batch 1: one decode step
 (one token on a KV cache of the prompt) and one 64-token prefill. "Extra ops per wrapped module" is (steered −
 vanilla) / number of AUSteerLayers. The vanilla model is a copy of the base model taken before wrapping.
 
-Decode-step time: `bench_overhead.decode_steps` (same token, same cache length, models interleaved in blocks of 10,
-tenth percentile of the steps), vanilla vs steered vs merged.
+Decode-step time, as `bench_overhead.decode_steps` measures it (same token, same cache length, models interleaved in
+blocks of 10, tenth percentile of the steps), vanilla vs steered vs merged, on two clocks: wall time, and the process
+CPU time of each step (one torch thread: CPU time does not count the time other jobs on a shared machine hold the
+core, which wall time does).
+
+Compile (`--compile`, on a tiny one-layer Llama, random weights): graph breaks (`torch._dynamo.explain`) of a whole
+AUSteer PeftModel and of a LoRA PeftModel on the same base, each with one adapter and with `adapter_names`; then the
+inductor-compiled base model under the PeftModel vs eager, forward and greedy `generate`, one adapter and mixed rows,
+after changing the AUs and the active adapter.
 
 Mixed batch (`--mixed`): four adapters on one model (for SmolLM2 the fit's top 100 / 64 / 16 / 4 AUs at α = 15 from
 the same momentum counts; for the random model random AUs), 8 rows of different lengths (left padding), two rows per
@@ -175,6 +183,108 @@ def op_counts(models: dict, prompt_ids: torch.Tensor, wrapped: int) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------------------------------- decode time
+
+
+def decode_steps(models: dict, prompt_ids: torch.Tensor, blocks: int, steps: int) -> dict:
+    """Milliseconds of one decode step per model (same token, same cache length: the cache is cropped back after
+    each step), models interleaved in blocks of `steps`; wall and process CPU time; min / p10 / median."""
+    from transformers import DynamicCache
+
+    clocks = {"wall": time.perf_counter, "cpu": time.process_time}
+    times = {clock: {mode: [] for mode in models} for clock in clocks}
+    with torch.inference_mode():
+        caches = {}
+        for mode, model in models.items():
+            caches[mode] = DynamicCache(config=model.config)
+            model(input_ids=prompt_ids, past_key_values=caches[mode], use_cache=True)
+        token = prompt_ids[:, -1:]
+        for _ in range(blocks):
+            for mode, model in models.items():
+                for _ in range(steps):
+                    start = {clock: fn() for clock, fn in clocks.items()}
+                    model(input_ids=token, past_key_values=caches[mode], use_cache=True)
+                    for clock, fn in clocks.items():
+                        times[clock][mode].append((fn() - start[clock]) * 1e3)
+                    caches[mode].crop(-1)
+    out = {}
+    for clock, by_mode in times.items():
+        out[clock] = {}
+        for mode, values in by_mode.items():
+            values = sorted(values)
+            out[clock][mode] = {"min": values[0], "p10": values[len(values) // 10],
+                                "median": statistics.median(values)}
+        for mode in models:
+            if mode != "vanilla":
+                out[clock][f"{mode}_ratio"] = {q: out[clock][mode][q] / out[clock]["vanilla"][q]
+                                               for q in ("min", "p10", "median")}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- compile
+
+
+def compile_checks() -> dict:
+    """Graph breaks of AUSteer vs LoRA PeftModels, and inductor vs eager outputs (see the module docstring)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import spread_aus, tiny_model
+    from peft import LoraConfig, get_peft_model
+
+    import austeer_peft
+
+    prompt = torch.tensor([[5, 6, 7, 8, 9], [0, 0, 11, 12, 13], [14, 15, 16, 17, 18]])
+    mask = (prompt != 0).long()
+    rows = ["default", "__base__", "other"]
+    base = tiny_model("llama", layers=1)
+    model = get_peft_model(base, austeer_peft.AUSteerConfig(sites=SITES))
+    model.set_aus(spread_aus(base, SITES, 8, seed=1, gamma_range=(0.5, 4.0)))
+    model.add_adapter("other", austeer_peft.AUSteerConfig(sites=SITES))
+    model.set_aus(spread_aus(base, SITES, 8, seed=2, gamma_range=(0.5, 4.0)), adapter_name="other")
+    model.eval()
+    lora = get_peft_model(tiny_model("llama", layers=1), LoraConfig(target_modules=["o_proj", "down_proj"],
+                                                                    init_lora_weights=False))
+    lora.add_adapter("other", LoraConfig(target_modules=["o_proj", "down_proj"], init_lora_weights=False))
+    lora.eval()
+    out = {"graph_breaks": {}}
+    for name, peft_model in (("austeer", model), ("lora", lora)):
+        for case, kwargs in (("one adapter", {}), ("adapter_names", {"adapter_names": rows})):
+            torch._dynamo.reset()
+            explained = torch._dynamo.explain(peft_model)(input_ids=prompt, attention_mask=mask, **kwargs)
+            out["graph_breaks"][f"{name}, {case}"] = {"graphs": explained.graph_count,
+                                                      "breaks": explained.graph_break_count,
+                                                      "reasons": [str(r.reason) for r in explained.break_reasons]}
+    torch._dynamo.reset()
+    model.get_base_model().compile()  # inductor
+
+    def forward(**kwargs):
+        return model(input_ids=prompt, attention_mask=mask, **kwargs).logits
+
+    def generate(**kwargs):
+        result = model.generate(input_ids=prompt, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                                pad_token_id=0, output_logits=True, return_dict_in_generate=True, **kwargs)
+        return torch.stack(result.logits, 1)
+
+    out["inductor_vs_eager_max_abs_difference"] = {}
+    for step in ("one adapter", "new gamma", "other adapter", "adapter_names"):
+        if step == "new gamma":
+            model.set_aus([(au.module, au.dim, au.gamma + 1.0) for au in model.get_aus("default")])
+        elif step == "other adapter":
+            model.base_model.set_adapter("other")
+        kwargs = {"adapter_names": rows} if step == "adapter_names" else {}
+        for run in (forward, generate):
+            with torch.no_grad():
+                with torch.compiler.set_stance("force_eager"):
+                    eager = run(**kwargs)
+                compiled = run(**kwargs)
+            out["inductor_vs_eager_max_abs_difference"][f"{step}, {run.__name__}"] = (
+                (compiled - eager).abs().max().item())
+    from torch._dynamo.utils import counters
+
+    out["inductor_graph_breaks"] = sum(counters["graph_break"].values())
+    out["inductor_graphs"] = counters["stats"]["unique_graphs"]
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- mixed batch
 
 
@@ -279,12 +389,19 @@ def main() -> None:
     parser.add_argument("--mixed", action="store_true", help="also the mixed-batch benchmark")
     parser.add_argument("--new-tokens", type=int, default=16, help="generated tokens in the mixed-batch benchmark")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions of the mixed-batch benchmark")
+    parser.add_argument("--compile", action="store_true", help="also the torch.compile checks (tiny model)")
+    parser.add_argument("--compile-only", action="store_true", help="only the torch.compile checks")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path, help="also write the JSON report here")
     args = parser.parse_args()
     started, load = start_benchmark(args.threads)
-
-    from bench_overhead import decode_steps
+    if args.compile_only:
+        report = {"compile": compile_checks(), "torch": torch.__version__, "load_average_at_start": load,
+                  "bench_wall_s": time.perf_counter() - started}
+        print(json.dumps(report, indent=2))
+        if args.output:
+            args.output.write_text(json.dumps(report, indent=2))
+        return
 
     vanilla, steered, tokenizer, add_adapters = build(args)
     vocab = vanilla.config.vocab_size
@@ -304,13 +421,14 @@ def main() -> None:
 
     if args.decode_blocks:
         models["merged"] = copy.deepcopy(steered).merge_and_unload()
-        step = decode_steps(models, {"input_ids": prompt_ids[:, :16]}, blocks=args.decode_blocks, steps=10)
+        step = decode_steps(models, prompt_ids[:, :16], blocks=args.decode_blocks, steps=10)
         report["decode_step_ms"] = step
-        print("decode step ms (min / p10 / median): " + "; ".join(
-            f"{m} {step[m]['min']:.2f} / {step[m]['p10']:.2f} / {step[m]['median']:.2f}" for m in models)
-            + "; steered/vanilla " + " / ".join(f"{step['steered_ratio'][q]:.4f}" for q in ("min", "p10", "median"))
-            + "; merged/vanilla " + " / ".join(f"{step['merged_ratio'][q]:.4f}" for q in ("min", "p10", "median")),
-            flush=True)
+        for clock, s in step.items():
+            print(f"decode step ms, {clock} (min / p10 / median): " + "; ".join(
+                f"{m} {s[m]['min']:.2f} / {s[m]['p10']:.2f} / {s[m]['median']:.2f}" for m in models)
+                + "; steered/vanilla " + " / ".join(f"{s['steered_ratio'][q]:.4f}" for q in ("min", "p10", "median"))
+                + "; merged/vanilla " + " / ".join(f"{s['merged_ratio'][q]:.4f}" for q in ("min", "p10", "median")),
+                flush=True)
         del models["merged"]
 
     if args.mixed:
@@ -335,6 +453,10 @@ def main() -> None:
               f"vs {m['generate_4_batches']:.3f} s (ratio {mixed['generate_ratio']:.3f}); prefill ops "
               f"{mixed['prefill_ops']['mixed']} vs vanilla {mixed['prefill_ops']['vanilla']} "
               f"({mixed['prefill_ops']['extra_per_wrapped_module']:.2f} per wrapped module)", flush=True)
+
+    if args.compile:
+        report["compile"] = compile_checks()
+        print("compile: " + json.dumps(report["compile"]), flush=True)
 
     report["bench_wall_s"] = time.perf_counter() - started
     text = json.dumps(report, indent=2)

@@ -23,7 +23,8 @@ from .combine import COMBINATION_TYPES, combine_aus, combined_config
 from .config import AUSteerConfig
 from .layer import AUSteerLayer
 from .offload import execution_device, offloaded_owners, onloaded_weights
-from .scope import RowAdapters, TokenPositions, input_width, position_reading_hook
+from .scope import (RowAdapters, TokenPositions, call_inputs, check_adapter_names, input_width,
+                    position_reading_hook)
 from .sites import SiteModule, base_named_modules, candidate_modules, find_decoder_layers
 from .table import TABLE_KEYS, layers_to_table, read_table, same_table, table_to_aus
 
@@ -285,8 +286,7 @@ class AUSteerModel(BaseTuner):
     def _sync_token_positions(self) -> None:
         """While some adapter steers only some token positions, read the positions of every forward (a pre-forward
         hook on the decoder stack); otherwise remove it, so that ``scope="all"`` costs nothing."""
-        scopes = {name: (config.scope, config.scope_position) for name, config in self.peft_config.items()
-                  if getattr(config, "scope", "all") != "all"}
+        scopes = self._scopes()
         if not scopes:
             self._remove_token_positions()
         elif self._token_positions is None:
@@ -299,6 +299,11 @@ class AUSteerModel(BaseTuner):
             self._token_positions.scopes = scopes
         for layer in self._layers().values():
             layer.token_positions = self._token_positions
+
+    def _scopes(self) -> dict[str, tuple[str, Optional[int]]]:
+        """(scope, scope_position) of each adapter that steers only some token positions."""
+        return {name: (config.scope, config.scope_position) for name, config in self.peft_config.items()
+                if getattr(config, "scope", "all") != "all"}
 
     def _remove_token_positions(self) -> None:
         if self._token_positions is None:
@@ -319,8 +324,8 @@ class AUSteerModel(BaseTuner):
         ``"__base__"`` for an unsteered row, as for PEFT's LoRA), each row is steered by its own adapter alone."""
         positions = self._token_positions
         record = positions is not None and not positions.in_call  # not a call inside a call
-        rows = self._start_rows(kwargs["adapter_names"], args, kwargs) if kwargs.get("adapter_names") is not None \
-            else None
+        names = kwargs.get("adapter_names")
+        rows = self._start_rows(names, args, kwargs) if names is not None else None
         if record:
             positions.start_call(input_width(args, kwargs))
         try:
@@ -338,30 +343,18 @@ class AUSteerModel(BaseTuner):
         if self.model.training:
             raise ValueError("Cannot pass `adapter_names` when the model is in training mode: per-row adapters are "
                              "for inference. Call `model.eval()` first.")
-        if isinstance(names, str) or not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
-            raise TypeError(f"`adapter_names` must be a list of adapter names, one per row of the batch "
-                            f"('{RowAdapters.BASE}' for an unsteered row); got {names!r}.")
-        unknown = sorted(set(names) - set(self.peft_config) - {RowAdapters.BASE})
-        if unknown:
-            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}. Adapters: "
-                             f"{sorted(self.peft_config)}, or '{RowAdapters.BASE}' for an unsteered row.")
         layers = list(self._layers().values())
         merged = sorted({a for layer in layers for a in layer.merged_adapters})
         if merged:
             raise ValueError(f"Cannot pass `adapter_names` while adapters are merged into the weights ({merged}): "
                              "merged weights steer every row. Call `unmerge_adapter()` first.")
-        inputs = kwargs.get("input_ids", args[0] if args else None)
-        inputs = kwargs.get("inputs_embeds") if inputs is None else inputs
-        if isinstance(inputs, torch.Tensor) and inputs.ndim >= 2 and inputs.shape[0] != len(names):
-            raise ValueError(f"`adapter_names` has {len(names)} names but the batch has {inputs.shape[0]} rows; pass "
-                             "one adapter name per row.")
+        inputs = call_inputs(args, kwargs)
+        check_adapter_names(names, list(self.peft_config), inputs)
         if self._row_adapters is None:
             self._row_adapters = RowAdapters()
         rows = self._row_adapters
-        scopes = {name: (config.scope, config.scope_position) for name, config in self.peft_config.items()
-                  if getattr(config, "scope", "all") != "all"}
         device = inputs.device if isinstance(inputs, torch.Tensor) else torch.device("cpu")
-        rows.start_call(list(names), tuple(self.peft_config), scopes, device)
+        rows.start_call(list(names), tuple(self.peft_config), self._scopes(), device)
         for layer in layers:
             layer.prepare_rows(rows)
         return rows

@@ -176,10 +176,29 @@ class RowAdapters:
         return rows.repeat_interleave(batch // rows.shape[0], dim=0) if batch != rows.shape[0] else rows
 
 
-def input_width(args: tuple, kwargs: dict) -> Optional[int]:
-    """Columns of a call's input: ``input_ids`` or ``inputs_embeds``, as the first positional argument or a keyword."""
+def check_adapter_names(names: Any, adapters: list[str], inputs: Any) -> None:
+    """Refuse ``adapter_names`` that are not one known adapter name (or ``"__base__"``) per row of ``inputs``."""
+    if isinstance(names, str) or not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"`adapter_names` must be a list of adapter names, one per row of the batch "
+                        f"('{RowAdapters.BASE}' for an unsteered row); got {names!r}.")
+    unknown = sorted(set(names) - set(adapters) - {RowAdapters.BASE})
+    if unknown:
+        raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}. Adapters: "
+                         f"{sorted(adapters)}, or '{RowAdapters.BASE}' for an unsteered row.")
+    if isinstance(inputs, torch.Tensor) and inputs.ndim >= 2 and inputs.shape[0] != len(names):
+        raise ValueError(f"`adapter_names` has {len(names)} names but the batch has {inputs.shape[0]} rows; pass one "
+                         "adapter name per row.")
+
+
+def call_inputs(args: tuple, kwargs: dict) -> Any:
+    """A call's input: ``input_ids`` or ``inputs_embeds``, as the first positional argument or a keyword."""
     inputs = kwargs.get("input_ids", args[0] if args else None)
-    inputs = kwargs.get("inputs_embeds") if inputs is None else inputs
+    return kwargs.get("inputs_embeds") if inputs is None else inputs
+
+
+def input_width(args: tuple, kwargs: dict) -> Optional[int]:
+    """Columns of a call's input (see ``call_inputs``)."""
+    inputs = call_inputs(args, kwargs)
     return inputs.shape[1] if isinstance(inputs, torch.Tensor) and inputs.ndim >= 2 else None
 
 
