@@ -145,6 +145,10 @@ class AUSteerLayer(nn.Module, BaseTunerLayer):
             self._plan = None
             return
         device = device or steers[0].gamma.device
+        if device.type == "meta":  # AUs placed where nothing is computed (a test of offloading): no values yet;
+            # a forward on a real device prepares the factors there, or fails loudly moving meta values
+            self._plan = Plan((), tuple(steers), dtype or torch.float32, device)
+            return
         if self._experts_axis is not None:  # the factors scale down_proj's columns, in float32
             self._plan = build_plan(steers, self.candidate.width, torch.float32, device, self._experts_shape())
             return
