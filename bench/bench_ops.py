@@ -407,7 +407,9 @@ def main() -> None:
     vocab = vanilla.config.vocab_size
     prompt_ids = torch.randint(3, vocab, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
     wrapped = wrapped_modules(steered)
-    report = {"setup": {"model": args.model, "layers": vanilla.config.num_hidden_layers,
+    import austeer_peft
+
+    report = {"setup": {"austeer_peft": str(Path(austeer_peft.__file__).parent), "model": args.model, "layers": vanilla.config.num_hidden_layers,
                         "dtype": str(next(vanilla.parameters()).dtype), "aus": len(steered.get_aus()),
                         "wrapped_modules": wrapped, "prompt_tokens": args.prompt_tokens, "torch": torch.__version__,
                         "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
