@@ -5,6 +5,7 @@ per-request adapters in one batch (issue 20).
     python bench/bench_ops.py --model llama-7b-shape         # random Llama-7B-shaped config (2 layers), 100 AUs
     python bench/bench_ops.py --mixed                        # also: 8 rows with 4 adapters vs 4 separate batches
     python bench/bench_ops.py --compile-only                 # graph breaks vs LoRA, inductor vs eager (tiny model)
+    python bench/bench_ops.py --layer-cost-only              # CPU µs one AUSteerLayer call adds (decode shape)
 
 Ops are counted with the torch profiler: every aten op that no other aten op called (what a GPU would launch one or
 more kernels for; the count is deterministic, unlike time on a shared machine). Workloads at batch 1: one decode step
@@ -221,6 +222,35 @@ def decode_steps(models: dict, prompt_ids: torch.Tensor, blocks: int, steps: int
     return out
 
 
+# ---------------------------------------------------------------------------------------------------- layer cost
+
+
+def layer_cost(width: int = 576, aus: int = 4, calls: int = 2000, blocks: int = 7) -> dict:
+    """Microseconds of process CPU time one AUSteerLayer call adds to its Linear(width, width) on a decode-shaped
+    input [1, 1, width], at an input and at an output site with `aus` AUs; the minimum over `blocks` blocks."""
+    from austeer_peft import AUSteerLayer
+    from austeer_peft.tuner.sites import SiteModule
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, width)
+    out = {}
+    with torch.inference_mode():
+        for position in ("input", "output"):
+            linear = torch.nn.Linear(width, width)
+            layer = AUSteerLayer(linear, SiteModule("linear", None, None, position, width), "default")
+            layer.update_layer("default", torch.randperm(width)[:aus].sort().values, torch.rand(aus) * 3)
+            layer.set_adapter(["default"])
+            best = {"plain": float("inf"), "wrapped": float("inf")}
+            for _ in range(blocks):
+                for name, module in (("plain", linear), ("wrapped", layer)):
+                    start = time.process_time()
+                    for _ in range(calls):
+                        module(x)
+                    best[name] = min(best[name], (time.process_time() - start) / calls * 1e6)
+            out[position] = {**best, "extra_us": best["wrapped"] - best["plain"]}
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- compile
 
 
@@ -391,10 +421,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions of the mixed-batch benchmark")
     parser.add_argument("--compile", action="store_true", help="also the torch.compile checks (tiny model)")
     parser.add_argument("--compile-only", action="store_true", help="only the torch.compile checks")
+    parser.add_argument("--layer-cost-only", action="store_true", help="only the per-call cost of one AUSteerLayer")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path, help="also write the JSON report here")
     args = parser.parse_args()
     started, load = start_benchmark(args.threads)
+    if args.layer_cost_only:
+        import austeer_peft
+
+        report = {"austeer_peft": str(Path(austeer_peft.__file__).parent), "layer_cost_us": layer_cost(),
+                  "load_average_at_start": load}
+        print(json.dumps(report, indent=2))
+        if args.output:
+            args.output.write_text(json.dumps(report, indent=2))
+        return
     if args.compile_only:
         report = {"compile": compile_checks(), "torch": torch.__version__, "load_average_at_start": load,
                   "bench_wall_s": time.perf_counter() - started}
