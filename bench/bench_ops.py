@@ -422,6 +422,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also the torch.compile checks (tiny model)")
     parser.add_argument("--compile-only", action="store_true", help="only the torch.compile checks")
     parser.add_argument("--layer-cost-only", action="store_true", help="only the per-call cost of one AUSteerLayer")
+    parser.add_argument("--device", default="cpu", help="where the models run (e.g. cuda)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path, help="also write the JSON report here")
     args = parser.parse_args()
@@ -444,8 +445,11 @@ def main() -> None:
         return
 
     vanilla, steered, tokenizer, add_adapters = build(args)
+    vanilla.to(args.device)
+    steered.to(args.device)
     vocab = vanilla.config.vocab_size
     prompt_ids = torch.randint(3, vocab, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
+    prompt_ids = prompt_ids.to(args.device)
     wrapped = wrapped_modules(steered)
     import austeer_peft
 
@@ -477,6 +481,7 @@ def main() -> None:
         names = ["default", "a2", "a3", "a4"]
         add_adapters(names[1:])
         input_ids, attention_mask, pad = mixed_inputs(tokenizer, vocab, rows=8, tokens=args.prompt_tokens)
+        input_ids, attention_mask = input_ids.to(args.device), attention_mask.to(args.device)
         mixed = mixed_batch(steered, names, input_ids, attention_mask, args.new_tokens, args.repeats, pad)
         rows = mixed["rows"]
         counts = top_level_ops(lambda: steered(input_ids=input_ids, attention_mask=attention_mask,

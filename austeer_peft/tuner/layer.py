@@ -85,11 +85,13 @@ class AUSteerLayer(nn.Module, BaseTunerLayer):
         device = _module_device(self.base_layer)
         self.austeer_index[adapter_name] = index.to(device=device, dtype=torch.int64)
         self.austeer_gamma[adapter_name] = gamma.to(device=device, dtype=torch.float32)
+        self._row_table = None  # the per-row table holds every adapter's AUs: build it again on the next call
         self.prepare_factors()
 
     def drop_aus(self, adapter_name: str) -> None:
         """Remove one adapter's AUs from this module, leaving which adapters are active as it is."""
         del self.austeer_index[adapter_name], self.austeer_gamma[adapter_name]
+        self._row_table = None
         self.prepare_factors()
 
     def _get_available_adapters(self) -> set[str]:
@@ -105,6 +107,7 @@ class AUSteerLayer(nn.Module, BaseTunerLayer):
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
+        self._row_table = None
         self.prepare_factors()
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
@@ -113,6 +116,7 @@ class AUSteerLayer(nn.Module, BaseTunerLayer):
         for buffers in (self.austeer_index, self.austeer_gamma):
             if adapter_name in buffers:
                 buffers[adapter_name] = buffers[adapter_name].to(device)
+        self._row_table = None
         self.prepare_factors()
 
     def _apply(self, fn, recurse: bool = True):
@@ -121,6 +125,7 @@ class AUSteerLayer(nn.Module, BaseTunerLayer):
         module = super()._apply(fn, recurse)
         for name, gamma in gammas.items():
             self.austeer_gamma[name] = gamma.to(self.austeer_gamma[name].device)
+        self._row_table = None
         self.prepare_factors()
         return module
 
@@ -139,7 +144,6 @@ class AUSteerLayer(nn.Module, BaseTunerLayer):
         activations are expected in), so that a forward only multiplies. Called on every change that can alter them;
         a forward whose activation has another dtype or device calls it again for that."""
         self.factor_version += 1
-        self._row_table = None
         steers = [self._sparse(a) for a in self._steering_adapters()]
         if not steers:
             self._plan = None

@@ -110,6 +110,22 @@ def test_rows_with_different_adapters_are_each_steered_as_alone(family):
         assert_rows_match(got, each_adapter_alone(model, lambda: generate(use_cache=False)))
 
 
+def test_rows_cost_a_gather_and_a_multiply_per_steered_module():
+    model = two_adapters_and_a_scoped_one("llama")
+    model.delete_adapter("late")  # token scopes add their `where`; here every adapter steers every token
+    plain = tiny_model("llama")
+    rows = ["task", "__base__", "style", "style", "task"]
+    with torch.no_grad():
+        model(input_ids=PROMPT, attention_mask=MASK, adapter_names=rows)  # builds the per-row tables
+    model.base_model.set_adapter("style")  # switching the active adapter keeps them
+    extra = (top_level_ops(lambda: model(input_ids=PROMPT, attention_mask=MASK, adapter_names=rows))
+             - top_level_ops(lambda: plain(input_ids=PROMPT, attention_mask=MASK)))
+    wrapped = sum(isinstance(m, AUSteerLayer) for m in model.modules())
+    assert extra["aten::index"] == extra["aten::mul"] + extra["aten::mul_"] == wrapped, extra
+    # plus, once per call and not per module, making the [rows] index tensor (tensor, lift_fresh, unsqueeze, ...)
+    assert sum(extra.values()) - 2 * wrapped <= 8, extra
+
+
 def test_rows_follow_changes_of_the_aus():
     model = two_adapters_and_a_scoped_one("llama")
     with torch.no_grad():
