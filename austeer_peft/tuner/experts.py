@@ -58,20 +58,21 @@ def put_columns_(weight: torch.Tensor, axis: int, index: torch.Tensor, values: t
         weight[expert, inner] = values
 
 
-def steered_forward(module: nn.Module, scales: list[tuple[torch.Tensor, torch.Tensor]], args: tuple,
-                    kwargs: dict) -> Any:
-    """Run fused experts with the columns of ``down_proj`` scaled, one ``(index, factor)`` per adapter, on a copy
-    (the parameter itself is untouched, so autograd and other callers see the original)."""
-    axis = fused_experts_axis(module)
+def steered_forward(module: nn.Module, factors: list[torch.Tensor], args: tuple, kwargs: dict) -> Any:
+    """Run fused experts with ``down_proj`` times dense float32 factors (one per stage, shaped to broadcast over
+    it: 1 except at the AUs' columns), on a new tensor (the parameter itself is untouched, so autograd and other
+    callers see the original). The product is computed in at least float32, as merging computes it."""
+    if not factors:
+        return module(*args, **kwargs)
     weight = module.down_proj
     if weight.device.type == "meta":
         raise ValueError("Expert-level AUs (`ffn_inner` on fused MoE experts) need the experts' weights in memory; "
                          "they cannot steer an offloaded experts module. Load the model without offloading.")
-    scaled = weight.clone()
-    for index, factor in scales:
-        index = index.to(weight.device)
-        columns = take_columns(scaled, axis, index)
-        put_columns_(scaled, axis, index, (columns.float() * factor.to(weight.device)[:, None]).to(weight.dtype))
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    scaled = weight
+    for factor in factors:
+        factor = factor.to(weight.device)
+        scaled = scaled * factor if weight.dtype == dtype else (scaled.to(dtype) * factor.to(dtype)).to(weight.dtype)
     return torch.func.functional_call(module, {"down_proj": scaled}, args, kwargs)
 
 

@@ -1,7 +1,8 @@
 """AUSteerLayer: multiplies a few dimensions of a module's input or output by fixed factors ``1 + γ``.
 
 The one module PEFT puts into the model; it applies, merges and unmerges a sparse scale and knows nothing about
-fitting, adapter files or where a call's tokens sit (it asks ``scope.TokenPositions`` for a mask).
+fitting, adapter files or where a call's tokens sit (it asks ``scope.TokenPositions`` for a mask, and
+``scope.RowAdapters`` for each row's adapter).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from .bnb import quantization_kind, refuse_8bit, scaled_4bit_weight
-from .precision import check_fp16_overflow
 from .experts import fused_experts_axis, put_columns_, steered_forward, take_columns
-from .scope import TokenPositions
+from .factors import Plan, SparseSteer, build_plan, row_table
+from .precision import check_fp16_overflow
+from .scope import RowAdapters, TokenPositions
 from .sites import SiteModule, WeightSlice, merge_slices
 
 
@@ -25,8 +27,9 @@ class AUSteerLayer(nn.Module, BaseTunerLayer):
 
     Per adapter it holds its AUs sparsely: ``austeer_index`` (int64 [n], dimensions of the input or output) and
     ``austeer_gamma`` (float32 [n]). At every token position, ``x[..., index] *= 1 + gamma``; the factor is computed in
-    float32 and applied in the activation's dtype. Several active adapters multiply. The layer knows nothing about
-    fitting; it applies and merges a sparse scale.
+    float32 and applied in the activation's dtype. Several active adapters multiply. Whenever the AUs, the active
+    adapters, their scopes, a merge or the device change, the layer prepares dense factor vectors (``factors.py``),
+    so a forward with ``scope="all"`` adapters is one multiply. The layer knows nothing about fitting.
     """
 
     adapter_layer_names: tuple[str, ...] = ()  # nothing trainable
@@ -43,7 +46,13 @@ class AUSteerLayer(nn.Module, BaseTunerLayer):
         self._merge_backups: dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
         self._active_adapter = adapter_name
         self._disable_adapters = False
-        self.token_positions: Optional[TokenPositions] = None  # set by AUSteerModel while an adapter has a scope
+        self._token_positions: Optional[TokenPositions] = None  # set by AUSteerModel while an adapter has a scope
+        self._experts_axis = fused_experts_axis(base_layer) if candidate.position == "input" else None
+        self._plan: Optional[Plan] = None  # the dense factors of the adapters steering now; None: nothing steers
+        self._row_adapters: Optional[RowAdapters] = None  # set by AUSteerModel for calls with `adapter_names`
+        self._row_table: Optional[torch.Tensor] = None  # [1 + adapters, width] factors, one row per adapter
+        self._row_order: tuple[str, ...] = ()
+        self.factor_version = 0  # counts preparations: what the float16 overflow watch belongs to
 
     def __getattr__(self, name: str) -> Any:
         # Model code reads attributes of the module it calls (e.g. `decoder_layer.attention_type`).
@@ -58,6 +67,17 @@ class AUSteerLayer(nn.Module, BaseTunerLayer):
     def position(self) -> str:
         return self.candidate.position
 
+    @property
+    def token_positions(self) -> Optional[TokenPositions]:
+        return self._token_positions
+
+    @token_positions.setter
+    def token_positions(self, positions: Optional[TokenPositions]) -> None:
+        self._token_positions = positions  # which adapters have a scope comes with it: prepare again
+        self.prepare_factors()
+
+    # ------------------------------------------------------------------------------------------- adapters and AUs
+
     def update_layer(self, adapter_name: str, index: torch.Tensor, gamma: torch.Tensor) -> None:
         """Set the AUs of one adapter on this module (replaces what it had)."""
         if adapter_name in self.merged_adapters:
@@ -65,9 +85,30 @@ class AUSteerLayer(nn.Module, BaseTunerLayer):
         device = _module_device(self.base_layer)
         self.austeer_index[adapter_name] = index.to(device=device, dtype=torch.int64)
         self.austeer_gamma[adapter_name] = gamma.to(device=device, dtype=torch.float32)
+        self._row_table = None  # the per-row table holds every adapter's AUs: build it again on the next call
+        self.prepare_factors()
+
+    def drop_aus(self, adapter_name: str) -> None:
+        """Remove one adapter's AUs from this module, leaving which adapters are active as it is."""
+        del self.austeer_index[adapter_name], self.austeer_gamma[adapter_name]
+        self._row_table = None
+        self.prepare_factors()
 
     def _get_available_adapters(self) -> set[str]:
         return set(self.austeer_index.keys())
+
+    def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
+        self.prepare_factors()
+
+    def enable_adapters(self, enabled: bool) -> None:
+        super().enable_adapters(enabled)
+        self.prepare_factors()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._row_table = None
+        self.prepare_factors()
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
         # Only the device follows the base layer: indices stay int64 and γ stays float32 whatever the model dtype.
@@ -75,6 +116,8 @@ class AUSteerLayer(nn.Module, BaseTunerLayer):
         for buffers in (self.austeer_index, self.austeer_gamma):
             if adapter_name in buffers:
                 buffers[adapter_name] = buffers[adapter_name].to(device)
+        self._row_table = None
+        self.prepare_factors()
 
     def _apply(self, fn, recurse: bool = True):
         # `model.half()` / `.to(torch.bfloat16)` cast every floating buffer; γ keeps float32 and only moves device.
@@ -82,6 +125,8 @@ class AUSteerLayer(nn.Module, BaseTunerLayer):
         module = super()._apply(fn, recurse)
         for name, gamma in gammas.items():
             self.austeer_gamma[name] = gamma.to(self.austeer_gamma[name].device)
+        self._row_table = None
+        self.prepare_factors()
         return module
 
     def _steering_adapters(self) -> list[str]:
@@ -89,44 +134,141 @@ class AUSteerLayer(nn.Module, BaseTunerLayer):
             return []
         return [a for a in self.active_adapters if a in self.austeer_index and a not in self.merged_adapters]
 
-    def _scale_(self, x: torch.Tensor, adapters: list[str]) -> torch.Tensor:
-        positions = self.token_positions
-        for adapter in adapters:
-            index = self.austeer_index[adapter]
-            factor = (1.0 + self.austeer_gamma[adapter]).to(x.dtype)
-            if positions is not None and adapter in positions.scopes:
-                # Steer only some token positions: factor 1 elsewhere.
-                factor = torch.where(positions.mask(adapter, x)[..., None], factor, 1.0)
-            check_fp16_overflow(self, adapter, x, index, factor)
-            x[..., index] *= factor
-        return x
+    def _sparse(self, adapter: str) -> SparseSteer:
+        positions = self._token_positions
+        scope = positions.scopes.get(adapter) if positions is not None else None
+        return SparseSteer(adapter, self.austeer_index[adapter], self.austeer_gamma[adapter], scope)
+
+    def prepare_factors(self, dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None) -> None:
+        """Turn the AUs of the adapters steering now into dense factors (in `dtype`, default: the dtype the
+        activations are expected in), so that a forward only multiplies. Called on every change that can alter them;
+        a forward whose activation has another dtype or device calls it again for that."""
+        self.factor_version += 1
+        steers = [self._sparse(a) for a in self._steering_adapters()]
+        if not steers:
+            self._plan = None
+            return
+        device = device or steers[0].gamma.device
+        if device.type == "meta":  # AUs placed where nothing is computed (a test of offloading): no values yet;
+            # a forward on a real device prepares the factors there, or fails loudly moving meta values
+            self._plan = Plan((), tuple(steers), dtype or torch.float32, device)
+            return
+        if self._experts_axis is not None:  # the factors scale down_proj's columns, in float32
+            self._plan = build_plan(steers, self.candidate.width, torch.float32, device, self._experts_shape())
+            return
+        self._plan = build_plan(steers, self.candidate.width, dtype or _activation_dtype(self.base_layer), device)
+
+    def _experts_shape(self) -> tuple[int, ...]:
+        """Expert-level factors [E * I] as they broadcast over down_proj [E, H, I] (or [E, I, H])."""
+        experts = self.base_layer.down_proj.shape[0]
+        return (experts, 1, -1) if self._experts_axis == 2 else (experts, -1, 1)
+
+    def prepare_rows(self, rows: RowAdapters) -> None:
+        """Before a call whose rows use different adapters: the per-row factor table for ``rows.order``."""
+        self._row_adapters = rows
+        if self._row_table is None or self._row_order is not rows.order:
+            self._row_rebuild(rows.order, _activation_dtype(self.base_layer), None)
+
+    def _row_rebuild(self, order: tuple[str, ...], dtype: torch.dtype, device: Optional[torch.device]) -> None:
+        steers = {a: SparseSteer(a, self.austeer_index[a], self.austeer_gamma[a]) for a in self.austeer_index}
+        device = device or next(iter(self.austeer_gamma.values())).device
+        self._row_table = row_table(steers, order, self.candidate.width, dtype, device)
+        self._row_order = order
+
+    # ------------------------------------------------------------------------------------------- forward
+
+    def _scaled(self, x: torch.Tensor, in_place: bool) -> torch.Tensor:
+        """`x` ([..., width]) times the steering factors; in place only where the caller allows it."""
+        rows = self._row_adapters
+        if rows is not None and rows.rows is not None:
+            return self._scaled_rows(x, rows)
+        plan = self._plan
+        if plan.dtype != x.dtype or plan.device != x.device:
+            self.prepare_factors(x.dtype, x.device)
+            plan = self._plan
+        factor = plan.single
+        if factor is not None and x.dtype != torch.float16:
+            return x.mul_(factor) if in_place else x * factor  # the one op of a steered module
+        scaled = x
+        for stage in plan.stages:  # one multiply per stage: AUs shared by active adapters take two (factors.py)
+            factor = stage.factor
+            for i, (scope, vector) in enumerate(stage.scoped):  # factor 1 at the tokens a scope does not steer
+                mask = self._token_positions.mask(scope, x)  # [..., 1]
+                factor = torch.where(mask, vector, factor) if i == 0 else torch.where(mask, factor * vector, factor)
+            scaled = scaled * factor
+        if x.dtype == torch.float16:
+            check_fp16_overflow(self, x, scaled, plan.adapters)
+        return scaled
+
+    def _scaled_rows(self, x: torch.Tensor, rows: RowAdapters) -> torch.Tensor:
+        """Each row of the batch times the factors of its own adapter: one gather from the per-row table."""
+        table = self._row_table
+        if table.dtype != x.dtype or table.device != x.device:
+            self._row_rebuild(rows.order, x.dtype, x.device)
+            table = self._row_table
+        if x.ndim != 3:
+            raise ValueError(
+                f"Rows with different adapters (`adapter_names`) need the activations of {self.candidate.name} as "
+                f"[batch, tokens, width]; this module sees shape {tuple(x.shape)}. Run one adapter at a time here."
+            )
+        factor = table[rows.rows_for(x.shape[0], table.device)]  # [batch, 1, width]
+        positions = self._token_positions
+        if positions is not None:
+            mask = positions.row_mask(rows, x)  # [batch, tokens, 1] or None
+            if mask is not None:
+                factor = torch.where(mask, factor, 1.0)
+        if x.dtype == torch.float16:
+            scaled = x * factor
+            used = [a for a in dict.fromkeys(rows.names) if a in self.austeer_index]
+            check_fp16_overflow(self, x, scaled, tuple(self._sparse(a) for a in used))
+            return scaled
+        return x * factor
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.disable_adapters and self.merged:
+        if self._disable_adapters and self.merged_adapters:
             self.unmerge()
-        adapters = self._steering_adapters()
-        if not adapters:
+        rows = self._row_adapters
+        if self._plan is None and (rows is None or rows.rows is None):
             return self.base_layer(*args, **kwargs)
-        if self.position == "input" and fused_experts_axis(self.base_layer) is not None:
+        if self._experts_axis is not None:
             # Expert-level AUs live inside the module: run it with scaled down_proj columns (see experts.py).
-            positions = getattr(self, "token_positions", None)
-            if positions is not None and any(a in positions.scopes for a in adapters):
-                raise ValueError(f"Expert-level AUs ({self.candidate.name}) scale expert weights, so they steer every "
-                                 "token; an adapter with a token scope cannot use them. Use scope='all' here.")
-            scales = [(self.austeer_index[a], 1.0 + self.austeer_gamma[a]) for a in adapters]
-            return steered_forward(self.base_layer, scales, args, kwargs)
+            return steered_forward(self.base_layer, self._expert_factors(rows), args, kwargs)
         if self.position == "input":
-            # The caller may still hold its tensor: scale a copy.
+            # The caller may still hold its tensor: scale out of place (a new tensor, as the old copy was).
             if args:
-                args = (self._scale_(args[0].clone(), adapters), *args[1:])
+                args = (self._scaled(args[0], in_place=False), *args[1:])
             else:
-                kwargs["hidden_states"] = self._scale_(kwargs["hidden_states"].clone(), adapters)
+                kwargs["hidden_states"] = self._scaled(kwargs["hidden_states"], in_place=False)
             return self.base_layer(*args, **kwargs)
         output = self.base_layer(*args, **kwargs)
         # The output was just made by the base layer and nobody else holds it yet, so scale it in place.
         if isinstance(output, tuple):
-            return (self._scale_(output[0], adapters), *output[1:])
-        return self._scale_(output, adapters)
+            return (self._scaled(output[0], in_place=True), *output[1:])
+        return self._scaled(output, in_place=True)
+
+    def _expert_factors(self, rows: Optional[RowAdapters]) -> list[torch.Tensor]:
+        """The float32 factors (shaped like down_proj) that expert-level AUs scale the experts' weights by."""
+        if rows is not None and rows.rows is not None:
+            used = {a for a in rows.names if a in self.austeer_index}
+            if not used:
+                return []
+            if len(set(rows.names)) > 1:
+                raise ValueError(
+                    f"Expert-level AUs ({self.candidate.name}) scale the experts' weights, which all rows of a batch "
+                    f"share, so rows with different adapters ({sorted(set(rows.names))}) cannot use them. Run these "
+                    "rows as separate batches, or steer the `ffn` site of this model instead."
+                )
+            adapter = used.pop()
+            plan = build_plan([self._sparse(adapter)], self.candidate.width, torch.float32,
+                              self.austeer_gamma[adapter].device, self._experts_shape())
+        else:
+            plan = self._plan
+        if plan is None:
+            return []
+        if any(stage.scoped for stage in plan.stages):
+            raise ValueError(f"Expert-level AUs ({self.candidate.name}) scale expert weights, so they steer every "
+                             "token; an adapter with a token scope cannot use them. Use scope='all' here.")
+        return [stage.factor for stage in plan.stages]
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Fold the scale into weights: columns of a linear input, rows (and bias) of a linear output."""
@@ -134,11 +276,13 @@ class AUSteerLayer(nn.Module, BaseTunerLayer):
             if adapter in self.austeer_index:
                 self._fold(adapter, safe_merge)
                 self.merged_adapters.append(adapter)
+        self.prepare_factors()  # merged adapters no longer steer at run time
 
     def unmerge(self) -> None:
         """Restore the saved weight slices, newest merge first, so weights come back bit-exactly."""
         while self.merged_adapters:
             self._unfold(self.merged_adapters.pop())
+        self.prepare_factors()
 
     def _merge_slices(self) -> list[WeightSlice]:
         """The weights this layer folds into, after checking each can take the fold."""
@@ -236,6 +380,15 @@ def _merge_stack(weight_slice: WeightSlice) -> list[tuple[AUSteerLayer, str]]:
     (a quantized weight is replaced on merge, so the weight object itself cannot hold it)."""
     stacks = weight_slice.owner.__dict__.setdefault("_austeer_merges", {})
     return stacks.setdefault(weight_slice.name, [])
+
+
+def _activation_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a module's activations are expected in: that of its first floating-point weight (float32 when it has
+    none, e.g. only packed 4-bit weights); a forward in another dtype prepares the factors again for it."""
+    for tensor in module.parameters():
+        if tensor.dtype.is_floating_point:
+            return tensor.dtype
+    return torch.float32
 
 
 def _module_device(module: nn.Module) -> torch.device:

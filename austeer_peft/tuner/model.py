@@ -24,7 +24,8 @@ from .combine import COMBINATION_TYPES, combine_aus, combined_config
 from .config import AUSteerConfig
 from .layer import AUSteerLayer
 from .offload import execution_device, offloaded_owners, onloaded_weights
-from .scope import TokenPositions, input_width, position_reading_hook
+from .scope import (RowAdapters, TokenPositions, call_inputs, check_adapter_names, input_width,
+                    position_reading_hook)
 from .sites import SiteModule, base_named_modules, candidate_modules, find_decoder_layers
 from .table import (TABLE_KEYS, adapter_aus_to_inject, aus_to_config_entry, layers_to_table, same_table,
                     table_to_aus)
@@ -52,6 +53,7 @@ class AUSteerModel(BaseTuner):
     target_module_mapping: dict[str, list[str]] = {}
     _token_positions: Optional[TokenPositions] = None  # only while an adapter has a scope other than "all"
     _token_positions_hook: Any = None
+    _row_adapters: Optional[RowAdapters] = None  # which adapter each row uses, in calls with `adapter_names`
 
     # ----------------------------------------------------------------------------------------------- injection
 
@@ -150,8 +152,8 @@ class AUSteerModel(BaseTuner):
 
         for name, layer in layers.items():
             if name not in grouped and adapter_name in layer.austeer_index:
-                # Only the buffers: the layer's delete_adapter would also switch its active adapters.
-                del layer.austeer_index[adapter_name], layer.austeer_gamma[adapter_name]
+                # Only the AUs: the layer's delete_adapter would also switch its active adapters.
+                layer.drop_aus(adapter_name)
                 if not layer.austeer_index:
                     self._unwrap(layer)
         for candidate in candidates:
@@ -302,8 +304,7 @@ class AUSteerModel(BaseTuner):
     def _sync_token_positions(self) -> None:
         """While some adapter steers only some token positions, read the positions of every forward (a pre-forward
         hook on the decoder stack); otherwise remove it, so that ``scope="all"`` costs nothing."""
-        scopes = {name: (config.scope, config.scope_position) for name, config in self.peft_config.items()
-                  if getattr(config, "scope", "all") != "all"}
+        scopes = self._scopes()
         if not scopes:
             self._remove_token_positions()
         elif self._token_positions is None:
@@ -317,6 +318,11 @@ class AUSteerModel(BaseTuner):
         for layer in self._layers().values():
             layer.token_positions = self._token_positions
 
+    def _scopes(self) -> dict[str, tuple[str, Optional[int]]]:
+        """(scope, scope_position) of each adapter that steers only some token positions."""
+        return {name: (config.scope, config.scope_position) for name, config in self.peft_config.items()
+                if getattr(config, "scope", "all") != "all"}
+
     def _remove_token_positions(self) -> None:
         if self._token_positions is None:
             return
@@ -328,18 +334,48 @@ class AUSteerModel(BaseTuner):
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
         """One call of ``PeftModel.forward`` or ``PeftModel.generate`` (PEFT enters this once per call, with the
-        call's arguments). While an adapter has a token scope, the width of the call's input is recorded as the
-        prompt width: the first forward of the call follows the plain-forward rule, and the later ones (the further
-        steps of ``generate``) know where the prompt ended, with or without a KV cache."""
+        call's arguments).
+
+        While an adapter has a token scope, the width of the call's input is recorded as the prompt width: the first
+        forward of the call follows the plain-forward rule, and the later ones (the further steps of ``generate``)
+        know where the prompt ended, with or without a KV cache. With ``adapter_names`` (one adapter name per row,
+        ``"__base__"`` for an unsteered row, as for PEFT's LoRA), each row is steered by its own adapter alone."""
         positions = self._token_positions
-        if positions is None or positions.in_call:  # no scoped adapter, or a call inside a call: nothing to record
-            yield
-            return
-        positions.start_call(input_width(args, kwargs))
+        record = positions is not None and not positions.in_call  # not a call inside a call
+        names = kwargs.get("adapter_names")
+        rows = self._start_rows(names, args, kwargs) if names is not None else None
+        if record:
+            positions.start_call(input_width(args, kwargs))
         try:
             yield
         finally:
-            positions.end_call()
+            if record:
+                positions.end_call()
+            if rows is not None:
+                rows.end_call()
+
+    def _start_rows(self, names: Any, args: tuple, kwargs: dict) -> Optional[RowAdapters]:
+        """Check ``adapter_names`` and hand each layer the rows' adapters; None for a call inside such a call."""
+        if self._row_adapters is not None and self._row_adapters.names is not None:
+            return None
+        if self.model.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode: per-row adapters are "
+                             "for inference. Call `model.eval()` first.")
+        layers = list(self._layers().values())
+        merged = sorted({a for layer in layers for a in layer.merged_adapters})
+        if merged:
+            raise ValueError(f"Cannot pass `adapter_names` while adapters are merged into the weights ({merged}): "
+                             "merged weights steer every row. Call `unmerge_adapter()` first.")
+        inputs = call_inputs(args, kwargs)
+        check_adapter_names(names, list(self.peft_config), inputs)
+        if self._row_adapters is None:
+            self._row_adapters = RowAdapters()
+        rows = self._row_adapters
+        device = inputs.device if isinstance(inputs, torch.Tensor) else torch.device("cpu")
+        rows.start_call(list(names), tuple(self.peft_config), self._scopes(), device)
+        for layer in layers:
+            layer.prepare_rows(rows)
+        return rows
 
     def _decoder_stack(self) -> nn.Module:
         """The module that runs the decoder layers (e.g. ``model.model``): every forward passes through it."""
