@@ -2,8 +2,8 @@
 and the Table 3 ablations, through ``compare_methods`` (the code path of ``austeer sweep``), writing the results
 file after every method so that a stopped run keeps what it measured.
 
-Every method gets the same grid size (``--grid 3``: 3 x 3 cells; CAA: its five depths x 3 multipliers; block-level:
-the α axis), the same pairs, splits, scoring, token scope and guarded selection. Exact match and ``greedy`` come from
+Every method gets the same grid size (``--grid 3``: 3 x 3 cells, CAA 3 depths x 3 multipliers; block-level: the
+α axis), the same pairs, splits, scoring, token scope and guarded selection. Exact match and ``greedy`` come from
 the same forward as the ``restricted`` score the methods are selected by.
 
     python bench/bench_paper_table.py --model smollm2-135m --task copa --n-fit 300 --n-validation 200 --n-test 500 \
@@ -22,9 +22,11 @@ from bench_common import start_benchmark
 
 GRIDS = {  # --grid 5 is the library default (5 x 5 = 25 cells per method); --grid 3 the reduced CPU budget
     5: {"ks": (1, 4, 16, 64, 100), "alphas": (2, 5, 10, 20, 50), "caa_multipliers": (0.5, 1, 2, 4, 8),
+        "caa_layer_fractions": (0.25, 0.4, 0.5, 0.6, 0.75),
         "iti_heads": (4, 8, 16, 32, 48), "iti_alphas": (5, 10, 15, 20, 30), "sadi_heads": (1, 2, 4, 6, 8),
         "sadi_strengths": (2, 5, 10, 20, 50)},
-    3: {"ks": (1, 16, 100), "alphas": (2, 10, 50), "caa_multipliers": (0.5, 2, 8), "iti_heads": (4, 16, 48),
+    3: {"ks": (1, 16, 100), "alphas": (2, 10, 50), "caa_multipliers": (0.5, 2, 8),
+        "caa_layer_fractions": (0.25, 0.5, 0.75), "iti_heads": (4, 16, 48),
         "iti_alphas": (5, 15, 30), "sadi_heads": (1, 4, 8), "sadi_strengths": (2, 5, 20)},
 }
 ALL_METHODS = ["block", "caa", "iti", "sadi", "random", "mean-diff", "fixed-vector", "fixed-strength"]

@@ -38,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .activations import pair_activations
-from .baselines import ADDITIVE_SCOPES, CAA_MULTIPLIERS, block_level_aus, caa_layers, caa_steering, caa_vectors
+from .baselines import ADDITIVE_SCOPES, CAA_LAYER_FRACTIONS, CAA_MULTIPLIERS, block_level_aus, caa_layers, caa_steering, caa_vectors
 from .heads import ITI_ALPHAS, ITI_HEADS, SADI_HEADS, SADI_STRENGTHS
 from .methods import MethodResult, adapter_bytes, method_result
 from .paper_baselines import ABLATION_NAMES, HEAD_BASELINES, Harness, new_adapter, run_ablation, run_iti, run_sadi
@@ -135,6 +135,7 @@ def compare_methods(
     alphas: Sequence[float] = DEFAULT_ALPHAS,
     baselines: Sequence[str] = DEFAULT_BASELINES,
     caa_multipliers: Sequence[float] = CAA_MULTIPLIERS,
+    caa_layer_fractions: Sequence[float] = CAA_LAYER_FRACTIONS,
     iti_heads: Sequence[int] = ITI_HEADS,
     iti_alphas: Sequence[float] = ITI_ALPHAS,
     sadi_heads: Sequence[int] = SADI_HEADS,
@@ -230,8 +231,8 @@ def compare_methods(
                           lambda cell: {"blocks": blocks, "alpha": cell.alpha}))
 
     if "caa" in baselines:
-        add(_caa(peft_model, tokenizer, task, pairs, caa_multipliers, evaluate, sweeps, vanilla_validation,
-                 vanilla_test, scoring, batch_size, output, progress, selection, scope))
+        add(_caa(peft_model, tokenizer, task, pairs, caa_multipliers, caa_layer_fractions, evaluate, sweeps,
+                 vanilla_validation, vanilla_test, scoring, batch_size, output, progress, selection, scope))
 
     others = [name for name in baselines if name in HEAD_BASELINES or name in ABLATION_NAMES]
     if others:
@@ -258,15 +259,16 @@ def compare_methods(
     return result
 
 
-def _caa(model, tokenizer, task, pairs, multipliers, evaluate, sweeps, vanilla_validation, vanilla_test, scoring,
-         batch_size, output, progress, selection, scope) -> MethodResult:
+def _caa(model, tokenizer, task, pairs, multipliers, layer_fractions, evaluate, sweeps, vanilla_validation,
+         vanilla_test, scoring, batch_size, output, progress, selection, scope) -> MethodResult:
     """CAA: one pass for the vectors of all layers, a (layer, multiplier) sweep on validation, one test run."""
     disabled = unsteered(model)
     fit_started = time.perf_counter()
     vectors = caa_vectors(model, tokenizer, pairs, batch_size=batch_size, progress=progress)
     fit_seconds = time.perf_counter() - fit_started
     cells = []
-    grid = [(layer, multiplier) for layer in caa_layers(vectors.vectors.shape[0]) for multiplier in multipliers]
+    grid = [(layer, multiplier) for layer in caa_layers(vectors.vectors.shape[0], layer_fractions)
+            for multiplier in multipliers]
     with disabled:
         for layer, multiplier in tqdm(grid, desc="sweep CAA", unit="cell", disable=not progress):
             with caa_steering(model, layer, vectors.vectors[layer], multiplier, scope):
