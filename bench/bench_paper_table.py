@@ -49,7 +49,8 @@ def run(args: argparse.Namespace) -> None:
 
     def write(comparison) -> None:
         record = {"model": args.model, "task": args.task, "sizes": task.sizes, "split_note": task.split_note,
-                  "scoring": comparison.scoring, "scope": comparison.scope, "grid": {k: list(v) for k, v in grid.items()},
+                  "scoring": comparison.scoring, "scope": comparison.scope,
+                  "grid": {key: list(values) for key, values in grid.items()},
                   "threads": args.threads, "load_average_at_start": load,
                   "seconds": round(time.perf_counter() - started, 1), "finished": False,
                   "sweep_seconds": {s.method: round(s.seconds, 1) for s in comparison.sweeps},
@@ -77,20 +78,23 @@ def summary(paths: list[str]) -> None:
               f"test {sizes['test']}; scoring {record['scoring']}, scope {record['scope']}; "
               f"{record['seconds'] / 60:.0f} min){state}\n")
         print("| method | #steered | test accuracy (95 % CI) | gain vs vanilla (95 % CI) | p | exact match "
-              "| greedy | validation | chosen |")
+              "| greedy | selection on validation: out-of-fold gain, wins/losses, p | chosen |")
         print("|---|---|---|---|---|---|---|---|---|")
         for row in record["results"]:
-            shipped = row["shipped"]
+            shipped, selection = row["shipped"], row["selection"]
             gain = "" if row["method"] == "vanilla" else (
                 f"{row['gain']:+.1f} ({row['gain_ci_low']:+.1f} – {row['gain_ci_high']:+.1f})" if shipped
                 else "no steer ships")
             p = "" if row["p_vs_vanilla"] is None else f"{row['p_vs_vanilla']:.2g}"
+            checked = "" if selection is None else (f"{100 * selection['out_of_fold_gain']:+.1f}, "
+                                                    f"{selection['wins']}/{selection['losses']}, "
+                                                    f"p = {selection['p_value']:.2g}")
             chosen = ", ".join(f"{k}={v}" for k, v in row["settings"].items() if k not in ("chosen_heads", "blocks"))
             if "blocks" in row["settings"]:
                 chosen = f"{len(row['settings']['blocks'])} blocks, " + chosen
             print(f"| {row['method']} | {row['steered']} | {row['test_accuracy']:.1f} ({row['ci_low']:.1f} – "
                   f"{row['ci_high']:.1f}) | {gain} | {p} | {row.get('also_exact', '')} | {row.get('also_greedy', '')} "
-                  f"| {row['validation_accuracy']} | {chosen if shipped else ''} |")
+                  f"| {checked} | {chosen if shipped else ''} |")
 
 
 def main() -> None:

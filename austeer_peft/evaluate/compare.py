@@ -38,7 +38,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .activations import pair_activations
-from .baselines import ADDITIVE_SCOPES, CAA_LAYER_FRACTIONS, CAA_MULTIPLIERS, block_level_aus, caa_layers, caa_steering, caa_vectors
+from .baselines import ADDITIVE_SCOPES, CAA_LAYER_FRACTIONS, CAA_MULTIPLIERS, block_level_aus, caa_layers
+from .baselines import caa_steering, caa_vectors
 from .heads import ITI_ALPHAS, ITI_HEADS, SADI_HEADS, SADI_STRENGTHS
 from .methods import MethodResult, adapter_bytes, method_result
 from .paper_baselines import ABLATION_NAMES, HEAD_BASELINES, Harness, new_adapter, run_ablation, run_iti, run_sadi
