@@ -53,7 +53,9 @@ def add_model_and_task_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0, help="seed of the splits (default: 0)")
     group.add_argument("--scoring", choices=list(SCORINGS),
                        help="restricted: first-token score among the choices (default for choice tasks); greedy: "
-                            "the paper's metric, greedy next token over the whole vocabulary; loglik: summed "
+                            "the greedy next token over the whole vocabulary must be the answer's first token; exact: "
+                            "the paper's exact match as its code applies it (the greedy token, stripped and "
+                            "lower-cased, equals the stripped, lower-cased answer); loglik: summed "
                             "log-probability of each option; number: last number of a greedy generation")
     group.add_argument("--batch-size", type=int, default=16, help="examples (or pairs) per forward pass")
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..evaluate.compare import DEFAULT_SITES, compare_methods
+from ..evaluate.baselines import ADDITIVE_SCOPES
+from ..evaluate.compare import BASELINES, DEFAULT_BASELINES, DEFAULT_SITES, compare_methods
 from ..evaluate.sweep import DEFAULT_ALPHAS, DEFAULT_KS
 from .arguments import (
     add_model_and_task_arguments,
@@ -30,8 +31,13 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ks", nargs="+", type=int, default=list(DEFAULT_KS), help="k grid (default: %(default)s)")
     group.add_argument("--alphas", nargs="+", type=float, default=list(DEFAULT_ALPHAS),
                        help="α grid (default: %(default)s)")
-    group.add_argument("--baselines", nargs="*", default=["block", "caa"], choices=["block", "caa"],
-                       help="baselines in the same harness (default: block caa; none: --baselines)")
+    group.add_argument("--baselines", nargs="*", default=list(DEFAULT_BASELINES), choices=list(BASELINES),
+                       help="baselines in the same harness: block, caa, iti, sadi (SADI-HEAD), and the paper's Table 3 "
+                            "ablations random, mean-diff, fixed-vector, fixed-strength (default: block caa; none: "
+                            "--baselines)")
+    group.add_argument("--scope", default="all", choices=list(ADDITIVE_SCOPES),
+                       help="token positions every method steers: all (every token, as the AUSteer code) or "
+                            "generated (from the last prompt token on, as SADI and ITI); default: all")
     add_selection_argument(group)
     add_output_arguments(parser, "folder for results.json, sweep.csv, scores.safetensors, adapters/ and the figures")
 
@@ -42,8 +48,9 @@ def run_sweep(args: argparse.Namespace) -> int:
     model, tokenizer = load_model_from_args(args)
     print(f"{task.name}: {task.sizes}. {task.split_note}")
     comparison = compare_methods(model, tokenizer, task, sites=args.sites, ks=args.ks, alphas=args.alphas,
-                                 baselines=args.baselines, scoring=args.scoring, batch_size=args.batch_size,
-                                 output_dir=output, selection=args.selection)
+                                 baselines=args.baselines, scoring=args.scoring, scope=args.scope,
+                                 batch_size=args.batch_size, output_dir=output, selection=args.selection,
+                                 seed=args.seed)
     print(comparison.format_table())
     print(f"Done in {comparison.seconds:.0f} s; outputs in {output}.")
     return 0
@@ -57,11 +64,14 @@ COMMAND = Command(
     "it beats vanilla on that fold (else no steer ships), and it is scored once on the test split. The\n"
     "baselines run in the same harness on the same\n"
     "splits: block-level steering (every dimension of the blocks AUSteer chose, α swept) and CAA (mean\n"
-    "residual difference at one layer, layer and multiplier swept). Prints the table and writes\n"
+    "residual difference at one layer, layer and multiplier swept), and on request ITI, SADI-HEAD and the\n"
+    "paper's ablations (--baselines iti sadi random mean-diff fixed-vector fixed-strength). --scope generated\n"
+    "steers from the last prompt token on instead of every token. Prints the table and writes\n"
     "results.json, sweep.csv, scores.safetensors, adapters/, heatmap_<site>.png and au_locations.png.\n\n"
     "examples:\n"
     "  austeer sweep --task sst2 --output out/\n"
     "  austeer sweep --model gemma3-270m --task copa --n-test 200 --output out-gemma/\n"
-    "  austeer sweep --task boolq --sites attention --baselines --ks 1 4 16 --alphas 10 50 --output out/",
+    "  austeer sweep --task boolq --sites attention --baselines --ks 1 4 16 --alphas 10 50 --output out/\n"
+    "  austeer sweep --task copa --baselines block caa iti sadi --scope generated --scoring exact --output out/",
     add_sweep_arguments, run_sweep,
 )

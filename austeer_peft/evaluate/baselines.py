@@ -4,6 +4,9 @@
   the "steer more" control. It is an ordinary AUSteer adapter with many AUs.
 * CAA (Rimsky et al., 2024): the mean difference of the last-token residual stream between positive and negative
   texts, added (times a multiplier) to one decoder layer's output at every position.
+
+The additive methods (CAA here, ITI in :mod:`.heads`, the fixed-vector ablation in :mod:`.ablations`) share
+:func:`added_vectors`, which adds fixed vectors to module inputs or outputs under either token scope.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from ..fitting import inputs
 from ..fitting.activations import read_pair_activations
 from ..fitting.scores import MomentumScores, adaptive_gamma, check_alpha
 from ..tuner.aus import AU
-from ..tuner.sites import SiteModule, find_decoder_layers, hidden_size
+from ..tuner.sites import SiteModule, base_named_modules, find_decoder_layers, hidden_size
 
+ADDITIVE_SCOPES = ("all", "generated")
 CAA_MULTIPLIERS = (0.5, 1.0, 2.0, 4.0, 8.0)
 CAA_LAYER_FRACTIONS = (0.25, 0.4, 0.5, 0.6, 0.75)  # depths swept, as fractions of the number of layers
 
@@ -83,22 +87,61 @@ def caa_vectors(model: nn.Module, tokenizer: Any, pairs: Any, *, batch_size: int
 
 
 @contextlib.contextmanager
-def caa_steering(model: nn.Module, layer: int, vector: torch.Tensor, multiplier: float) -> Iterator[None]:
-    """Add ``multiplier * vector`` to the output of decoder layer ``layer`` at every position, inside the block."""
-    _, layers = find_decoder_layers(inputs.base_model(model))
-    if not 0 <= layer < len(layers):
-        raise ValueError(f"CAA layer {layer} is out of range; the model has {len(layers)} decoder layers.")
+def added_vectors(model: nn.Module, vectors: dict[str, tuple[str, torch.Tensor]], scope: str = "all"
+                  ) -> Iterator[None]:
+    """Add ``vector`` to the ``side`` ("input" or "output") of each named module, for ``vectors = {name: (side,
+    vector)}``, inside the block.
 
-    def hook(module, args, output):
-        hidden = output if torch.is_tensor(output) else output[0]
-        steered = hidden + (multiplier * vector).to(device=hidden.device, dtype=hidden.dtype)
-        return steered if torch.is_tensor(output) else (steered, *output[1:])
+    ``scope="all"`` adds at every position; ``scope="generated"`` at the last column of each forward only: the last
+    prompt token of a left-padded batch, then each new token of a KV-cached ``generate`` (ITI's ``"lt"`` rule, and the
+    rule of AUSteer's ``scope="generated"`` for these two kinds of forward).
+    """
+    if scope not in ADDITIVE_SCOPES:
+        raise ValueError(f"Unknown scope {scope!r}; choose from {list(ADDITIVE_SCOPES)}.")
+    named = base_named_modules(inputs.base_model(model))
+    missing = [name for name in vectors if name not in named]
+    if missing:
+        raise ValueError(f"Modules {missing} are not in the model; steer modules of the model the vectors came from.")
 
-    handle = layers[layer].register_forward_hook(hook)
+    def added(hidden: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+        vector = vector.to(device=hidden.device, dtype=hidden.dtype)
+        if scope == "all":
+            return hidden + vector
+        hidden = hidden.clone()
+        hidden[:, -1] += vector  # [batch, tokens, width]: the last column of this forward
+        return hidden
+
+    def pre_hook(vector):
+        return lambda module, args: (added(args[0], vector), *args[1:])
+
+    def hook(vector):
+        def add_to_output(module, args, output):
+            if torch.is_tensor(output):
+                return added(output, vector)
+            return (added(output[0], vector), *output[1:])
+        return add_to_output
+
+    handles = []
     try:
+        for name, (side, vector) in vectors.items():
+            if side not in ("input", "output"):
+                raise ValueError(f"Side of {name!r} must be 'input' or 'output', got {side!r}.")
+            module = named[name]
+            handles.append(module.register_forward_pre_hook(pre_hook(vector)) if side == "input" else
+                           module.register_forward_hook(hook(vector)))
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+
+
+def caa_steering(model: nn.Module, layer: int, vector: torch.Tensor, multiplier: float, scope: str = "all"):
+    """Add ``multiplier * vector`` to the output of decoder layer ``layer`` (every position, or the last column of
+    each forward under ``scope="generated"``), inside the block."""
+    prefix, layers = find_decoder_layers(inputs.base_model(model))
+    if not 0 <= layer < len(layers):
+        raise ValueError(f"CAA layer {layer} is out of range; the model has {len(layers)} decoder layers.")
+    return added_vectors(model, {f"{prefix}.{layer}": ("output", multiplier * vector)}, scope)
 
 
 def caa_layers(num_layers: int, fractions: Sequence[float] = CAA_LAYER_FRACTIONS) -> list[int]:

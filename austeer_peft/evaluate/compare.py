@@ -9,7 +9,15 @@ vanilla            the unsteered model
 AUSteer-<site>     one momentum pass over all sites; per site a (k, α) sweep (:mod:`austeer_peft.sweep`)
 block-level        every dimension of the blocks the best AUSteer adapter steers, AUSteer's γ rule, α swept
 CAA                mean last-token residual difference added at one layer; layer and multiplier swept
+ITI                probes per head, top heads by probe accuracy shifted by α·σ·θ; heads and α swept (:mod:`.heads`)
+SADI-HEAD          top heads by mean activation difference scaled element-wise; heads and strength swept
+ablation ...       the paper's Table 3 ablations of AUSteer on one site, (k, α) swept (:mod:`.ablations`)
 =================  ============================================================================================
+
+ITI, SADI-HEAD and the ablations read the pairs' last-token activations in one more pass over the fit pairs
+(:mod:`.activations`); the ablations run on the site of the best AUSteer sweep, as block-level does. ``scope``
+chooses the token positions every method steers: ``"all"`` (the AUSteer code: every token) or ``"generated"`` (from
+the last prompt token on, SADI's and ITI's position).
 
 Outputs (``output_dir``): ``results.json`` (the table, settings, split notes, timings), ``sweep.csv`` (every cell of
 every sweep), ``scores.safetensors`` (the momentum table), ``adapters/<method>/`` (saved adapters), and figures
@@ -22,46 +30,31 @@ import json
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from torch import nn
 from tqdm.auto import tqdm
 
-from .baselines import CAA_MULTIPLIERS, block_level_aus, caa_layers, caa_steering, caa_vectors
+from .activations import pair_activations
+from .baselines import ADDITIVE_SCOPES, CAA_LAYER_FRACTIONS, CAA_MULTIPLIERS, block_level_aus, caa_layers
+from .baselines import caa_steering, caa_vectors
+from .heads import ITI_ALPHAS, ITI_HEADS, SADI_HEADS, SADI_STRENGTHS
+from .methods import MethodResult, adapter_bytes, method_result
+from .paper_baselines import ABLATION_NAMES, HEAD_BASELINES, Harness, new_adapter, run_ablation, run_iti, run_sadi
 from .runner import SplitResult, evaluate_split
 from .scoring import bootstrap_ci, paired_gain_ci, paired_test
-from ..fitting.selection import NO_STEER_NOTE, SELECTION_RULES, Selection
+from ..fitting.selection import NO_STEER_NOTE, SELECTION_RULES
 from .tasks import Task
 from ..fitting.fit import compute_momentum
 from ..fitting.inputs import unsteered
-from ..hub.export import save_adapter_folder
-from ..hub.facts import attach_card_info
 from .sweep import DEFAULT_ALPHAS, DEFAULT_KS, SweepCell, SweepResult, scores_for_sites, select_cell, sweep_aus
 from .sweep import sweep_k_alpha, write_sweep_csv
 
-BASELINES = ("block", "caa")
+BASELINES = ("block", "caa", *HEAD_BASELINES, *ABLATION_NAMES)
+DEFAULT_BASELINES = ("block", "caa")  # what `austeer sweep` runs unless told otherwise
 DEFAULT_SITES = ("attention", "ffn")
-
-
-@dataclass
-class MethodResult:
-    """One row of the comparison table."""
-
-    method: str
-    num_steered: int  # steered activations (AUs, or dimensions of the added vector)
-    test: SplitResult
-    adapter_bytes: int  # size of the saved steering file (0 for vanilla)
-    fit_seconds: float  # the pass(es) over the pairs this method needs (0 for vanilla)
-    validation_accuracy: Optional[float] = None
-    settings: dict[str, Any] = field(default_factory=dict)
-    selection: Optional[Selection] = None  # how the shipped setting was chosen (None for vanilla)
-
-    @property
-    def shipped(self) -> bool:
-        """False when the selection found no setting that beats vanilla: the row then is the unsteered model."""
-        return self.selection is None or self.selection.shipped
 
 
 @dataclass
@@ -74,6 +67,7 @@ class Comparison:
     sweeps: list[SweepResult]
     seconds: float
     choices: Optional[list[str]] = None  # the task's shared choices (None: per-row options)
+    scope: str = "all"  # token positions every method steered
 
     def __str__(self) -> str:
         return self.format_table()
@@ -115,8 +109,8 @@ class Comparison:
 
     def format_table(self) -> str:
         sizes = ", ".join(f"{split} {size}" for split, size in self.sizes.items())
-        lines = [f"{self.task}: {sizes} examples; scoring {self.scoring}; {self.split_note}",
-                 f"{'method':<20} {'#steered':>9} {'test accuracy (95 % CI)':>24} {'gain vs vanilla (95 % CI)':>26} "
+        lines = [f"{self.task}: {sizes} examples; scoring {self.scoring}; scope {self.scope}; {self.split_note}",
+                 f"{'method':<36} {'#steered':>9} {'test accuracy (95 % CI)':>24} {'gain vs vanilla (95 % CI)':>26} "
                  f"{'p':>8} {'adapter bytes':>13} {'fit s':>7}  {'answers (% of test)':<22} settings"]
         for row in self.table():
             accuracy = f"{row['test_accuracy']:.1f} ({row['ci_low']:.1f}–{row['ci_high']:.1f})"
@@ -127,7 +121,7 @@ class Comparison:
             settings = ", ".join(f"{key}={value}" for key, value in row["settings"].items())
             if not row["shipped"]:
                 gain, settings = "not shipped", NO_STEER_NOTE
-            lines.append(f"{row['method']:<20} {row['steered']:>9} {accuracy:>24} {gain:>26} {p_value:>8} "
+            lines.append(f"{row['method']:<36} {row['steered']:>9} {accuracy:>24} {gain:>26} {p_value:>8} "
                          f"{row['adapter_bytes']:>13} {row['fit_seconds']:>7.1f}  {answers:<22} {settings}")
         return "\n".join(lines)
 
@@ -140,26 +134,42 @@ def compare_methods(
     sites: Sequence[str] = DEFAULT_SITES,
     ks: Sequence[int] = DEFAULT_KS,
     alphas: Sequence[float] = DEFAULT_ALPHAS,
-    baselines: Sequence[str] = BASELINES,
+    baselines: Sequence[str] = DEFAULT_BASELINES,
     caa_multipliers: Sequence[float] = CAA_MULTIPLIERS,
+    caa_layer_fractions: Sequence[float] = CAA_LAYER_FRACTIONS,
+    iti_heads: Sequence[int] = ITI_HEADS,
+    iti_alphas: Sequence[float] = ITI_ALPHAS,
+    sadi_heads: Sequence[int] = SADI_HEADS,
+    sadi_strengths: Sequence[float] = SADI_STRENGTHS,
     scoring: Optional[str] = None,
+    scope: str = "all",
     batch_size: int = 16,
     output_dir: Optional[Union[str, Path]] = None,
     progress: bool = True,
     selection: str = "guarded",
+    seed: int = 0,
+    on_method: Optional[Callable[["Comparison"], None]] = None,
 ) -> Comparison:
-    """Fit, sweep on ``task.validation``, test once on ``task.test``: vanilla, AUSteer per site, then baselines.
+    """Fit, sweep on ``task.validation``, test once on ``task.test``: vanilla, AUSteer per site, then baselines
+    (any of :data:`BASELINES`: ``block``, ``caa``, ``iti``, ``sadi``, and the ablations ``random``, ``mean-diff``,
+    ``fixed-vector``, ``fixed-strength``).
 
     ``selection="most-accurate"`` ships every method's most accurate cell unchecked (the rule before the guarded one;
-    for comparisons).
-    ``model`` is a plain transformers model; it comes back wrapped (a PeftModel holding one adapter per AUSteer
-    method and ``block_level``), as with ``get_peft_model``.
+    for comparisons). ``scope``: ``"all"`` steers every token, ``"generated"`` from the last prompt token on.
+    ``on_method`` is called with the comparison so far after each method (e.g. to write partial results).
+    ``model`` is a plain transformers model; it comes back wrapped (a PeftModel holding one adapter per AUSteer-based
+    method), as with ``get_peft_model``.
     """
     if selection not in SELECTION_RULES:
         raise ValueError(f"Unknown selection {selection!r}; choose from {list(SELECTION_RULES)}.")
+    if scope not in ADDITIVE_SCOPES:
+        raise ValueError(f"Unknown scope {scope!r}; choose from {list(ADDITIVE_SCOPES)}.")
     unknown = [name for name in baselines if name not in BASELINES]
     if unknown:
         raise ValueError(f"Unknown baselines {unknown}; choose from {list(BASELINES)}.")
+    if "sadi" in baselines or "iti" in baselines:
+        if "attention" not in sites:
+            raise ValueError("ITI and SADI-HEAD steer attention heads; add 'attention' to `sites`.")
     started = time.perf_counter()
     output = Path(output_dir) if output_dir is not None else None
     if output is not None:
@@ -173,6 +183,15 @@ def compare_methods(
     methods = [MethodResult("vanilla", 0, vanilla_test, 0, 0.0, vanilla_validation.accuracy)]
     sweeps: list[SweepResult] = []
 
+    def comparison() -> Comparison:
+        return Comparison(task.name, task.split_note, vanilla_test.scoring, task.sizes, methods, sweeps,
+                          time.perf_counter() - started, task.choices, scope)
+
+    def add(row: MethodResult) -> None:
+        methods.append(row)
+        if on_method is not None:
+            on_method(comparison())
+
     # AUSteer: one momentum pass over all sites, one sweep per site.
     fit_started = time.perf_counter()
     scores = compute_momentum(model, tokenizer, pairs, sites=list(sites), batch_size=batch_size, progress=progress)
@@ -182,24 +201,25 @@ def compare_methods(
     peft_model = model
     for site in sites:
         name = f"austeer_{site}"
+        peft_model = new_adapter(peft_model, scores_for_sites(scores, site), name, scope)
         sweep, peft_model = sweep_k_alpha(peft_model, tokenizer, scores_for_sites(scores, site), task, "validation",
                                           ks, alphas, scoring=scoring, batch_size=batch_size, adapter_name=name,
                                           method=f"AUSteer-{site}", vanilla=vanilla_validation, progress=progress,
                                           selection=selection)
         sweeps.append(sweep)
-        methods.append(_method_result(sweep, lambda: evaluate(peft_model, "test"), vanilla_test,
-                                      lambda test: _adapter_bytes(peft_model, name, output, task, test, vanilla_test),
-                                      fit_seconds,
-                                      lambda cell: {"k": cell.k, "alpha": cell.alpha}))
+        add(method_result(sweep, lambda: evaluate(peft_model, "test"), vanilla_test,
+                          lambda test: adapter_bytes(peft_model, name, output, task, test, vanilla_test), fit_seconds,
+                          lambda cell: {"k": cell.k, "alpha": cell.alpha}))
+    # The AUSteer site whose steer ships with the best validation accuracy; when none ships, the site of the most
+    # accurate cell (block-level and the ablations are judged by their own selection either way).
+    site_sweep = max(sweeps, key=lambda s: (s.chosen is not None, (s.chosen or s.best).accuracy))
+    best_site = site_sweep.method.removeprefix("AUSteer-")
 
     if "block" in baselines:
-        # The blocks of the AUSteer site whose steer ships with the best validation accuracy; when none ships, of the
-        # most accurate cell of all sites (block-level is judged by its own selection either way).
-        site_sweep = max(sweeps, key=lambda s: (s.chosen is not None, (s.chosen or s.best).accuracy))
         cell = site_sweep.chosen or site_sweep.best
-        site_scores = scores_for_sites(scores, site_sweep.method.removeprefix("AUSteer-"))
+        site_scores = scores_for_sites(scores, best_site)
         blocks = list(dict.fromkeys(au.module for au in site_scores.select(cell.k, cell.alpha)))
-        peft_model = site_scores.to_adapter(1, 1.0, peft_model, adapter_name="block_level")
+        peft_model = new_adapter(peft_model, site_scores, "block_level", scope)
         cells = [(None, alpha, block_level_aus(site_scores, blocks, alpha)) for alpha in alphas]
         cells = [(len(aus), alpha, aus) for _, alpha, aus in cells]
         block_sweep, peft_model = sweep_aus(peft_model, tokenizer, task, cells, "validation",
@@ -207,34 +227,53 @@ def compare_methods(
                                             batch_size=batch_size, vanilla=vanilla_validation, progress=progress,
                                             selection=selection)
         sweeps.append(block_sweep)
-        methods.append(_method_result(block_sweep, lambda: evaluate(peft_model, "test"), vanilla_test,
-                                      lambda test: _adapter_bytes(peft_model, "block_level", output, task, test,
-                                                                  vanilla_test), fit_seconds,
-                                      lambda cell: {"blocks": blocks, "alpha": cell.alpha}))
+        add(method_result(block_sweep, lambda: evaluate(peft_model, "test"), vanilla_test,
+                          lambda test: adapter_bytes(peft_model, "block_level", output, task, test, vanilla_test),
+                          fit_seconds,
+                          lambda cell: {"blocks": blocks, "alpha": cell.alpha}))
 
     if "caa" in baselines:
-        methods.append(_caa(peft_model, tokenizer, task, pairs, caa_multipliers, evaluate, sweeps, vanilla_validation,
-                            vanilla_test, scoring, batch_size, output, progress, selection))
+        add(_caa(peft_model, tokenizer, task, pairs, caa_multipliers, caa_layer_fractions, evaluate, sweeps,
+                 vanilla_validation, vanilla_test, scoring, batch_size, output, progress, selection, scope))
 
-    comparison = Comparison(task.name, task.split_note, vanilla_test.scoring, task.sizes, methods, sweeps,
-                            time.perf_counter() - started, task.choices)
+    others = [name for name in baselines if name in HEAD_BASELINES or name in ABLATION_NAMES]
+    if others:
+        harness = Harness(tokenizer, task, scoring, batch_size, scope, selection, progress, output,
+                          vanilla_validation, vanilla_test, evaluate, sweeps)
+        activation_started = time.perf_counter()
+        activations = pair_activations(peft_model, tokenizer, pairs, list(sites), batch_size=batch_size,
+                                       progress=progress)
+        activation_seconds = time.perf_counter() - activation_started
+        if "iti" in baselines:
+            add(run_iti(harness, peft_model, activations, activation_seconds, iti_heads, iti_alphas, seed))
+        if "sadi" in baselines:
+            peft_model, row = run_sadi(harness, peft_model, scores_for_sites(scores, "attention"), activations,
+                                       activation_seconds, sadi_heads, sadi_strengths)
+            add(row)
+        for name in (name for name in ABLATION_NAMES if name in baselines):
+            peft_model, row = run_ablation(harness, peft_model, name, scores_for_sites(scores, best_site),
+                                           activations, ks, alphas, fit_seconds + activation_seconds, seed)
+            add(row)
+
+    result = comparison()
     if output is not None:
-        _write_outputs(comparison, scores, peft_model, output)
-    return comparison
+        _write_outputs(result, scores, peft_model, output)
+    return result
 
 
-def _caa(model, tokenizer, task, pairs, multipliers, evaluate, sweeps, vanilla_validation, vanilla_test, scoring,
-         batch_size, output, progress, selection) -> MethodResult:
+def _caa(model, tokenizer, task, pairs, multipliers, layer_fractions, evaluate, sweeps, vanilla_validation,
+         vanilla_test, scoring, batch_size, output, progress, selection, scope) -> MethodResult:
     """CAA: one pass for the vectors of all layers, a (layer, multiplier) sweep on validation, one test run."""
     disabled = unsteered(model)
     fit_started = time.perf_counter()
     vectors = caa_vectors(model, tokenizer, pairs, batch_size=batch_size, progress=progress)
     fit_seconds = time.perf_counter() - fit_started
     cells = []
-    grid = [(layer, multiplier) for layer in caa_layers(vectors.vectors.shape[0]) for multiplier in multipliers]
+    grid = [(layer, multiplier) for layer in caa_layers(vectors.vectors.shape[0], layer_fractions)
+            for multiplier in multipliers]
     with disabled:
         for layer, multiplier in tqdm(grid, desc="sweep CAA", unit="cell", disable=not progress):
-            with caa_steering(model, layer, vectors.vectors[layer], multiplier):
+            with caa_steering(model, layer, vectors.vectors[layer], multiplier, scope):
                 result = evaluate_split(model, tokenizer, task, "validation", scoring, batch_size=batch_size)
             cells.append(SweepCell(layer, multiplier, result.accuracy, vectors.vectors.shape[1], result.correct))
         sweep = SweepResult("CAA", cells, vanilla_validation, vanilla_validation.scoring,
@@ -243,7 +282,7 @@ def _caa(model, tokenizer, task, pairs, multipliers, evaluate, sweeps, vanilla_v
         select_cell(sweep, cost=lambda cell: (cell.alpha, cell.k), rule=selection)  # simplest: the weaker multiplier
         chosen = sweep.chosen
         if chosen is not None:
-            with caa_steering(model, chosen.k, vectors.vectors[chosen.k], chosen.alpha):
+            with caa_steering(model, chosen.k, vectors.vectors[chosen.k], chosen.alpha, scope):
                 test = evaluate(model, "test")
     sweeps.append(sweep)
 
@@ -252,40 +291,13 @@ def _caa(model, tokenizer, task, pairs, multipliers, evaluate, sweeps, vanilla_v
             return 4 * vectors.vectors.shape[1]
         return vectors.save(output / "adapters" / "caa.safetensors", chosen.k)
 
-    return _method_result(sweep, lambda: test, vanilla_test, size, fit_seconds,
+    return method_result(sweep, lambda: test, vanilla_test, size, fit_seconds,
                           lambda cell: {"layer": cell.k, "multiplier": cell.alpha})
-
-
-def _method_result(sweep: SweepResult, test, vanilla_test: SplitResult, adapter_bytes, fit_seconds: float,
-                   settings) -> MethodResult:
-    """The row of a swept method: its shipped cell scored on test, or, when nothing ships, the unsteered model
-    (``test``, ``adapter_bytes`` (given the test result) and ``settings`` are called only for a shipped cell)."""
-    chosen = sweep.chosen
-    if chosen is None:
-        return MethodResult(sweep.method, 0, vanilla_test, 0, fit_seconds, sweep.vanilla.accuracy, {},
-                            sweep.selection)
-    result = test()
-    return MethodResult(sweep.method, chosen.num_aus, result, adapter_bytes(result), fit_seconds, chosen.accuracy,
-                        settings(chosen), sweep.selection)
-
-
-def _adapter_bytes(peft_model, adapter_name: str, output: Optional[Path], task: Task, test: SplitResult,
-                   vanilla_test: SplitResult) -> int:
-    """Size of the adapter's weights file as saved: into ``output/adapters/<name>/`` with its own card, which shows
-    its test score next to the plain model's, or into a temporary folder."""
-    import tempfile
-
-    attach_card_info(peft_model, adapter_name=adapter_name, eval_results=[{
-        "task": task.name, "metric": f"accuracy ({test.scoring})", "value": test.accuracy,
-        "baseline": vanilla_test.accuracy, "split": "test"}])
-    with tempfile.TemporaryDirectory() as scratch:
-        folder = output / "adapters" / adapter_name if output is not None else Path(scratch)
-        save_adapter_folder(peft_model, adapter_name, folder)
-        return (folder / "adapter_model.safetensors").stat().st_size
 
 
 def _write_outputs(comparison: Comparison, scores, peft_model, output: Path) -> None:
     summary = {"task": comparison.task, "split_note": comparison.split_note, "scoring": comparison.scoring,
+               "scope": comparison.scope,
                "sizes": comparison.sizes, "seconds": round(comparison.seconds, 1), "results": comparison.table(),
                "sweep_seconds": {sweep.method: round(sweep.seconds, 1) for sweep in comparison.sweeps}}
     (output / "results.json").write_text(json.dumps(summary, indent=2))

@@ -5,8 +5,10 @@ Scoring methods (see :mod:`austeer_peft.evaluate.scoring` for the pure functions
 
 * ``"restricted"`` -- choice tasks: argmax among the choices' first-token logits at the prompt's last token (one
   forward per batch, logits for the last position only). Equal to ``"loglik"`` when every choice is one token.
-* ``"greedy"`` -- choice tasks, the paper's metric: the greedy next token over the whole vocabulary must be the
-  correct choice's first token. Computed from the same forward as ``"restricted"``.
+* ``"greedy"`` -- choice tasks: the greedy next token over the whole vocabulary must be the correct choice's first
+  token. Computed from the same forward as ``"restricted"``.
+* ``"exact"`` -- choice tasks, the paper's exact match as the official code applies it: the greedy next token,
+  decoded, stripped and lower-cased, must equal the stripped, lower-cased correct choice. Same forward again.
 * ``"loglik"`` -- choice tasks: summed log-probability of each option's whole continuation (one sequence per option).
 * ``"number"`` -- generation tasks: greedy decoding of ``max_new_tokens``, then exact match of the last number.
 
@@ -29,6 +31,7 @@ from ..fitting.inputs import base_model, common_prefix_length, input_device, pad
 from ..fitting.logprobs import continuation_logprobs, forward_logits
 from .scoring import (
     choice_token_ids,
+    exact_match_predictions,
     generation_correct,
     greedy_choice_predictions,
     loglik_choice_predictions,
@@ -36,7 +39,8 @@ from .scoring import (
 )
 from .tasks import Task
 
-SCORINGS = ("restricted", "greedy", "loglik", "number")
+SCORINGS = ("restricted", "greedy", "exact", "loglik", "number")
+FIRST_TOKEN_SCORINGS = ("restricted", "greedy", "exact")  # all three from one forward per batch
 STOP_STRINGS = ("\n\n", "Question:")  # a generated answer ends where the model starts a new paragraph or problem
 
 
@@ -46,7 +50,7 @@ class SplitResult:
 
     scoring: str
     correct: list[bool]
-    also: dict[str, list[bool]]  # e.g. {"greedy": [...]} next to "restricted"
+    also: dict[str, list[bool]]  # e.g. {"greedy": [...], "exact": [...]} next to "restricted"
     forwards: int  # model forward (or generate) calls made
     # Choice tasks: the index of the choice each example was answered with under `scoring` (-1: greedy emitted none
     # of them), so a report can show whether a gain is a shifted answer preference. None for generation.
@@ -93,11 +97,11 @@ def evaluate_split(
     if scoring not in SCORINGS:
         raise ValueError(f"Unknown scoring {scoring!r}; expected one of {', '.join(SCORINGS)}.")
     if (scoring == "number") != (task.kind == "generation"):
-        expected = "'number'" if task.kind == "generation" else "'restricted', 'greedy' or 'loglik'"
+        expected = "'number'" if task.kind == "generation" else "'restricted', 'greedy', 'exact' or 'loglik'"
         raise ValueError(f"Scoring {scoring!r} does not fit the {task.kind} task {task.name}; use {expected}.")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
-    if scoring in ("restricted", "greedy") and task.choices is None:
+    if scoring in FIRST_TOKEN_SCORINGS and task.choices is None:
         raise ValueError(f"Scoring {scoring!r} needs choices shared by every row; {task.name} has per-row choices, "
                          "so use scoring='loglik'.")
 
@@ -115,18 +119,20 @@ def evaluate_split(
 def _score_first_token(model, tokenizer, task, data, scoring, batch_size, progress) -> SplitResult:
     choice_ids = choice_token_ids(tokenizer, task.choices, prompt=data[0]["prompt"])
     prompts, labels = list(data["prompt"]), list(data["label"])
-    predicted = {"restricted": [0] * len(prompts), "greedy": [0] * len(prompts)}
+    predicted = {name: [0] * len(prompts) for name in FIRST_TOKEN_SCORINGS}
     forwards = 0
     for rows, batch in tqdm(list(_left_padded_batches(tokenizer, prompts, batch_size)), desc="scoring",
                             unit="batch", disable=not progress):
         logits = _next_token_logits(model, batch)
         forwards += 1
-        for i, r, g in zip(rows, restricted_choice_predictions(logits, choice_ids),
-                           greedy_choice_predictions(logits, choice_ids)):
-            predicted["restricted"][i], predicted["greedy"][i] = r, g
+        greedy_texts = [tokenizer.decode([token]) for token in logits.argmax(-1).tolist()]
+        for i, r, g, e in zip(rows, restricted_choice_predictions(logits, choice_ids),
+                              greedy_choice_predictions(logits, choice_ids),
+                              exact_match_predictions(greedy_texts, task.choices)):
+            predicted["restricted"][i], predicted["greedy"][i], predicted["exact"][i] = r, g, e
     results = {name: [p == label for p, label in zip(values, labels)] for name, values in predicted.items()}
-    other = "greedy" if scoring == "restricted" else "restricted"
-    return SplitResult(scoring, results[scoring], {other: results[other]}, forwards, predicted[scoring])
+    others = {name: results[name] for name in FIRST_TOKEN_SCORINGS if name != scoring}
+    return SplitResult(scoring, results[scoring], others, forwards, predicted[scoring])
 
 
 def _next_token_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

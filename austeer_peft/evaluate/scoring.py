@@ -5,6 +5,9 @@ Three ways to score a choice task, from strictest to most lenient:
 
 * :func:`greedy_choice_correct` -- the paper's metric (as the authors' code): the model's greedy next token over the
   *whole* vocabulary must be the first token of the correct choice. A model that answers something else is wrong.
+* :func:`exact_match_predictions` -- the paper's exact-match rule as the official code applies it: the one greedy
+  token, decoded, stripped and lower-cased, must equal the stripped, lower-cased gold answer (so ``"Yes"`` matches
+  ``" yes"``, and a gold answer longer than one token can never match).
 * :func:`restricted_choice_correct` -- argmax among the choices' first-token logits only ("first-token score").
 * :func:`loglik_choice_correct` -- the option with the highest summed log-probability of its whole continuation
   (see :func:`continuation_logprobs`; it lives in :mod:`austeer_peft.fitting.logprobs`, as a fit's automatic
@@ -83,6 +86,25 @@ def greedy_choice_correct(logits: torch.Tensor, choice_ids: ChoiceIds, labels: L
     predictions = greedy_choice_predictions(logits, choice_ids)
     labels = _as_labels(labels, len(predictions))
     return [p == label for p, label in zip(predictions, labels)]
+
+
+# --------------------------------------------------------------------------- multiple choice: exact match
+
+
+def normalized_answer(text: str) -> str:
+    """What the official code compares: the text stripped of surrounding white space and lower-cased."""
+    return text.strip().lower()
+
+
+def exact_match_predictions(greedy_texts: Sequence[str], choices: Sequence[str]) -> list[int]:
+    """Index of the choice whose normalized text equals the normalized greedy text (the decoded greedy token), or
+    -1 when it equals none (the first such choice if several normalize alike)."""
+    normalized = [normalized_answer(choice) for choice in choices]
+    predictions = []
+    for text in greedy_texts:
+        answer = normalized_answer(text)
+        predictions.append(normalized.index(answer) if answer in normalized else -1)
+    return predictions
 
 
 # ------------------------------------------------------------------------------ multiple choice: restricted
@@ -281,11 +303,13 @@ __all__ = [
     "bootstrap_ci",
     "choice_token_ids",
     "continuation_logprobs",
+    "exact_match_predictions",
     "generation_correct",
     "greedy_choice_correct",
     "greedy_choice_predictions",
     "loglik_choice_correct",
     "loglik_choice_predictions",
+    "normalized_answer",
     "number_matches",
     "paired_test",
     "parse_last_number",

@@ -64,6 +64,24 @@ def test_help_lists_commands_and_a_workflow(capsys):
     assert "Typical workflow" in out and "austeer merge --model smollm2-135m" in out
 
 
+def test_sweep_runs_the_papers_baselines_with_a_scope_and_exact_match(tmp_path, capsys):
+    model = str(real_task_model_folder(tmp_path / "model"))
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--model", model, *SLICE, "--sites", "attention", "--ks", "1", "--alphas", "5",
+                 "--baselines", "iti", "sadi", "fixed-strength", "--scope", "generated", "--scoring", "exact",
+                 "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "scoring exact; scope generated" in printed
+    summary = json.loads((out / "results.json").read_text())
+    assert (summary["scope"], summary["scoring"]) == ("generated", "exact")
+    assert [row["method"] for row in summary["results"]] == \
+        ["vanilla", "AUSteer-attention", "ITI", "SADI-HEAD", "ablation fixed strength (attention)"]
+    assert all({"also_restricted", "also_greedy"} <= set(row) for row in summary["results"])
+    with pytest.raises(SystemExit):
+        main(["sweep", *SLICE, "--scope", "prompt", "--output", str(tmp_path / "x")])
+    assert "invalid choice: 'prompt'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command, expected", [
     ("merge", ["--model", "--adapter", "--output", "smollm2-135m", "austeer-peft", "residual"]),
     ("push", ["--adapter", "--repo-id", "--private", "README.md"]),
@@ -293,7 +311,7 @@ def test_task_arguments_are_checked(tmp_path, capsys):
 @pytest.mark.parametrize("command, expected", [
     ("fit", ["--sites", "--k", "--alpha", "--task", "--data", "--template", "austeer fit --task sst2"]),
     ("eval", ["--adapter", "--split", "--scoring", "greedy", "paired"]),
-    ("sweep", ["--ks", "--alphas", "--baselines", "block-level", "CAA", "heatmap"]),
+    ("sweep", ["--ks", "--alphas", "--baselines", "block-level", "CAA", "heatmap", "--scope", "SADI-HEAD", "exact"]),
 ])
 def test_job_commands_have_help(capsys, command, expected):
     with pytest.raises(SystemExit):
