@@ -373,7 +373,7 @@ def test_user_task_errors():
     data = [{"text": "x", "y": "maybe"}]
     with pytest.raises(ValueError, match="label_map"):
         load_user_task(data, "{text}", choices=["yes", "no"], label_column="y", n_test=0)
-    with pytest.raises(KeyError, match="missing"):
+    with pytest.raises(ValueError, match=r"template field \{missing\} is not a column"):
         load_user_task(data, "{missing}", choices=["yes", "no"], label_column="y")
     with pytest.raises(ValueError, match="choices"):
         load_user_task(data, "{text}")

@@ -129,7 +129,7 @@ def resolve_data_dir(data_dir: Optional[PathLike] = None) -> Path:
         if not path.is_dir():
             raise FileNotFoundError(f"${DATA_ENV_VAR} points to {str(path)!r}, which is not a folder.")
         return path
-    candidates = [PACKAGE_PARENT.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+    candidates = default_data_dirs()
     for path in candidates:
         if path.is_dir():
             return path
@@ -137,6 +137,21 @@ def resolve_data_dir(data_dir: Optional[PathLike] = None) -> Path:
     raise FileNotFoundError(
         f"No evaluation data folder found (tried {tried}). Pass data_dir=... or set ${DATA_ENV_VAR}."
     )
+
+
+def default_data_dirs() -> list[Path]:
+    """Where the data folder is looked for when none is named: next to the repository, then next to the working
+    directory."""
+    return [PACKAGE_PARENT.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+
+
+def find_data_dir(data_dir: Optional[PathLike] = None) -> Optional[Path]:
+    """:func:`resolve_data_dir`, or None when no folder is named (argument, ``$AUSTEER_DATA``) and none of the
+    default places holds one: the built-in tasks then load their public copies from the Hub. A folder that is named
+    but missing is still an error (the user asked for it)."""
+    if data_dir is None and not os.environ.get(DATA_ENV_VAR) and not any(p.is_dir() for p in default_data_dirs()):
+        return None
+    return resolve_data_dir(data_dir)
 
 
 def data_file(data_dir: Path, *parts: str) -> Path:
