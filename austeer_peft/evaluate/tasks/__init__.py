@@ -41,7 +41,8 @@ from .generation import MATH_TEMPLATE, format_number
 from .mawps import load_mawps, unmask_numbers
 from .sst2 import SST2_CHOICES, SST2_TEMPLATE, load_sst2
 from .svamp import load_svamp
-from .user import load_user_task
+from .hub import HubSource, load_hub_splits
+from .user import load_hub_task, load_user_task
 from .winogrande import WINOGRANDE_CHOICES, WINOGRANDE_TEMPLATE, load_winogrande
 
 TaskLoader = Callable[..., Task]  # (data_dir=None, n_fit=None, n_validation=None, seed=0) -> Task
@@ -94,7 +95,10 @@ __all__ = [
     "WINOGRANDE_TEMPLATE",
     "format_number",
     "load_boolq",
+    "HubSource",
     "load_copa",
+    "load_hub_splits",
+    "load_hub_task",
     "load_mawps",
     "load_sst2",
     "load_svamp",
