@@ -199,3 +199,33 @@ def sizes_or_defaults(n_fit: Optional[int], n_validation: Optional[int], default
     """``(n_fit, n_validation)`` with the task's default fit size and the shared validation size filled in."""
     return (default_fit if n_fit is None else n_fit,
             DEFAULT_N_VALIDATION if n_validation is None else n_validation)
+
+
+# ------------------------------------------------------------------------------------------------- chat template
+
+CHAT_TEMPLATE_NOTE = "Prompts wrapped in the tokenizer's chat template (one user turn, then the assistant's turn)."
+
+
+def apply_chat_template(task: Task, tokenizer: Any) -> Task:
+    """The task with every prompt wrapped as one user turn in ``tokenizer``'s chat template, ending where the
+    assistant's answer begins (instruct models answer differently inside it); choices and answers stay the
+    continuations. A template that writes the BOS token is stripped of it when the tokenizer adds one itself."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template (base models usually have none); run without it.")
+    bos = tokenizer.bos_token
+    adds_bos = bos is not None and tokenizer("x").input_ids[:1] == [tokenizer.bos_token_id]
+
+    def wrap(prompt: str) -> str:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        return text[len(bos):] if adds_bos and text.startswith(bos) else text
+
+    def wrapped(split: Dataset) -> Dataset:
+        if not len(split):
+            return split
+        prompts = [wrap(prompt) for prompt in split["prompt"]]
+        return split.remove_columns("prompt").add_column("prompt", prompts)
+
+    return Task(task.name, task.kind, wrapped(task.fit), wrapped(task.validation), wrapped(task.test),
+                choices=task.choices, split_note=f"{task.split_note} {CHAT_TEMPLATE_NOTE}", seed=task.seed,
+                metadata={**task.metadata, "chat_template": True})
