@@ -80,8 +80,37 @@ def _from_rows(rows: list[dict], source: str) -> Dataset:
     try:
         return Dataset.from_list(rows)
     except Exception as error:  # pyarrow: a column whose type changes from row to row
-        raise ValueError(f"{source}: the rows do not share one type per column ({str(error).strip()[:200]}); give "
-                         "each column the same type in every row (e.g. all labels as numbers).") from None
+        mismatch = _type_mismatch(rows)
+        if mismatch is None:
+            raise ValueError(f"{source}: the rows do not share one type per column ({str(error).strip()[:200]}); "
+                             "give each column the same type in every row.") from None
+        column, first, number, value = mismatch
+        raise ValueError(f"{source}, row {number}: column {column!r} holds {value!r} ({_kind(value)}), but row "
+                         f"{first} holds a {_kind(rows[first - 1][column])}; give the column the same type in every "
+                         "row.") from None
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "list", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def _type_mismatch(rows: list[dict]) -> Optional[tuple[str, int, int, Any]]:
+    """The first ``(column, row of its first value, row that differs, its value)`` whose kind of value (string,
+    number, list, ...) changes between rows (1-based rows), or None."""
+    first: dict[str, tuple[int, str]] = {}
+    for number, row in enumerate(rows, start=1):
+        for column, value in row.items():
+            if value is None:
+                continue
+            kind = _kind(value)
+            seen = first.setdefault(column, (number, kind))
+            if seen[1] != kind:
+                return column, seen[0], number, value
+    return None
 
 
 def load_user_task(
