@@ -24,6 +24,17 @@ def offline(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
 
 
+@pytest.fixture
+def one_thread():
+    """A tiny model gains nothing from threads, and loses much on a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def mc_rows(n: int, start: int = 0) -> list[dict]:
     """Rows as a user brings them: a prompt, three to five answers of its own, the index of the right one."""
     colours = [" red", " green", " blue", " cyan", " pink"]
@@ -46,7 +57,7 @@ def user_args(train, test, *extra):
             "--label-column", "answer", *extra]
 
 
-def test_fit_on_two_files_with_per_row_choices_and_the_chat_template(tmp_path, two_files, capsys):
+def test_fit_on_two_files_with_per_row_choices_and_the_chat_template(tmp_path, two_files, capsys, one_thread):
     model = str(tiny_checkpoint(tmp_path / "model"))
     out = tmp_path / "fit"
     assert main(["fit", "--model", model, *user_args(*two_files), "--n-validation", "8", "--sites", "ffn", "--k", "2",
