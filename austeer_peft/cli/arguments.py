@@ -44,8 +44,8 @@ def add_model_and_task_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", default=DEFAULT_MODEL,
                        help="a local folder (a checkpoint, or GGUF files), a local .gguf file, a Hub id, or an offline "
                             "alias (" + ", ".join(aliases()) + f"); default: {DEFAULT_MODEL}")
-    group.add_argument("--gguf-file", help="with --model FOLDER (or a Hub GGUF repository): the .gguf file to load when "
-                                           "there are several")
+    group.add_argument("--gguf-file", help="with --model FOLDER (or a Hub GGUF repository): the .gguf file to load "
+                                           "when there are several")
     group.add_argument("--dtype", default="float32", choices=DTYPES)
     group.add_argument("--chat-template", action="store_true",
                        help="wrap each prompt in the tokenizer's chat template (one user turn, then the assistant's "
@@ -61,12 +61,17 @@ def add_model_and_task_arguments(parser: argparse.ArgumentParser) -> None:
                        help="with a Hub --data: which of its splits is fit / test [/ validation], e.g. 'fit=train "
                             "test=validation' (default: fit=train test=test)")
     group.add_argument("--template", help="with --data: prompt template over its columns, e.g. 'Q: {question}\\nA:'")
-    group.add_argument("--choices", nargs="+", help="with --data: the answer strings every row shares, e.g. ' yes' ' no'")
+    group.add_argument("--choices", nargs="+",
+                       help="with --data: the answer strings every row shares, e.g. ' yes' ' no'")
     group.add_argument("--choices-column", help="with --data: a column holding each row's list of answer strings "
                                                 "(rows may differ in length), instead of --choices")
     group.add_argument("--label-column", help="with --data: the correct choice's column: a 0-based index or the "
                                               "choice string (default: label)")
+    group.add_argument("--label-map", nargs="+", metavar="LABEL=INDEX",
+                       help="with --data: raw labels as choice indices, e.g. 'true=0 false=1'")
     group.add_argument("--answer-column", help="with --data: a numeric answer column (generation task)")
+    group.add_argument("--problem-column", help="with --data --answer-column: the column that finds similar problems "
+                                                "for the wrong answers of the pairs (default: the filled prompt)")
     group.add_argument("--n-fit", type=int, help="examples to fit on (default: the task's)")
     group.add_argument("--n-validation", type=int, help="examples to pick settings on (default: the task's, <= 200)")
     group.add_argument("--n-test", type=int, help="score only the first N test examples (default: all)")
@@ -89,7 +94,8 @@ def add_output_arguments(parser: argparse.ArgumentParser, help_text: str) -> Non
     parser.add_argument("--force", action="store_true", help="write into --output even if it is not empty")
 
 
-USER_DATA_FLAGS = ("template", "choices", "choices_column", "label_column", "answer_column", "split_map")
+USER_DATA_FLAGS = ("template", "choices", "choices_column", "label_column", "label_map", "answer_column",
+                   "problem_column", "split_map")
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
 
 
@@ -120,8 +126,8 @@ def _load_user_data(args: argparse.Namespace):
     if args.data_dir is not None:
         raise CommandError("--data-dir is for the built-in tasks (--task); your --data names its files itself.")
     options = dict(choices=args.choices, choices_column=args.choices_column, label_column=args.label_column or "label",
-                   answer_column=args.answer_column, n_fit=args.n_fit, n_validation=args.n_validation,
-                   seed=args.seed)
+                   label_map=_label_map(args.label_map), answer_column=args.answer_column,
+                   problem_column=args.problem_column, n_fit=args.n_fit, n_validation=args.n_validation, seed=args.seed)
     template = args.template.replace("\\n", "\n")
     named = [item for item in args.data if "=" in item]
     if named and len(named) != len(args.data):
@@ -156,6 +162,19 @@ def _load_user_data(args: argparse.Namespace):
             raise CommandError(f"--split-map {item}: write OUR_SPLIT=HUB_SPLIT, e.g. fit=train test=validation.")
         split_map[ours] = theirs
     return load_hub_task(data, template, split_map=split_map, **options)
+
+
+def _label_map(items):
+    """``--label-map true=0 false=1`` as ``{"true": 0, "false": 1}``."""
+    if items is None:
+        return None
+    mapping = {}
+    for item in items:
+        label, sep, index = item.rpartition("=")
+        if not sep or not label or not index.strip().isdigit():
+            raise CommandError(f"--label-map {item}: write LABEL=INDEX with a 0-based choice index, e.g. true=0.")
+        mapping[label] = int(index)
+    return mapping
 
 
 def _refuse_split_map(args: argparse.Namespace) -> None:

@@ -229,3 +229,29 @@ def test_a_folder_holding_a_gguf_file_loads_as_llama_cpp_users_keep_models(tmp_p
     with torch.inference_mode():
         assert model(ids).logits.shape == (1, ids.shape[1], model.config.vocab_size)
     assert tokenizer.chat_template  # SmolLM2-Instruct's GGUF carries its chat template
+
+
+def test_label_map_and_problem_column_as_in_python(tmp_path, capsys):
+    from austeer_peft.cli import build_parser
+    from austeer_peft.cli.arguments import load_task_from_args
+    from austeer_peft.evaluate import load_user_task
+
+    path = write_jsonl(tmp_path / "even.jsonl", [{"q": f"Is {i} even?", "truth": i % 2 == 0} for i in range(20)])
+    args = build_parser().parse_args(["fit", "--data", str(path), "--template", "{q}", "--choices", " yes", " no",
+                                      "--label-column", "truth", "--label-map", "true=0", "false=1", "--output", "x"])
+    task = load_task_from_args(args)
+    python = load_user_task(path, "{q}", choices=[" yes", " no"], label_column="truth", label_map={True: 0, False: 1})
+    for split in ("fit", "validation", "test"):
+        assert task.split(split)["label"] == python.split(split)["label"]
+        assert task.split(split)["prompt"] == python.split(split)["prompt"]
+    assert task.test["label"] == [int(prompt.split()[1]) % 2 for prompt in task.test["prompt"]]  # even -> " yes"
+
+    math = write_jsonl(tmp_path / "math.jsonl", [{"q": f"What is {i} + {i}?", "topic": f"doubling {i % 3}",
+                                                  "y": 2 * i} for i in range(12)])
+    args = build_parser().parse_args(["fit", "--data", str(math), "--template", "{q}", "--answer-column", "y",
+                                      "--problem-column", "topic", "--output", "x"])
+    assert load_task_from_args(args).test["problem"] == \
+        load_user_task(math, "{q}", answer_column="y", problem_column="topic").test["problem"]
+    assert main(["fit", "--data", str(path), "--template", "{q}", "--choices", " yes", " no", "--label-map", "true",
+                 "--output", str(tmp_path / "out")]) == 1
+    assert "--label-map true: write LABEL=INDEX" in capsys.readouterr().err

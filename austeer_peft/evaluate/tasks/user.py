@@ -225,7 +225,8 @@ def load_user_task(
             n_validation = min(DEFAULT_N_VALIDATION, len(fit_rows) // 5) if n_validation is None else n_validation
             check_sizes(name, 0, n_validation, len(fit_rows), "the fit data")
             order = np.random.default_rng(seed).permutation(len(fit_rows)).tolist()
-            splits = {"fit": finish(fit_rows, order[n_validation:]), "validation": finish(fit_rows, order[:n_validation]),
+            splits = {"fit": finish(fit_rows, order[n_validation:]),
+                      "validation": finish(fit_rows, order[:n_validation]),
                       "test": finish(converted["test"], range(len(converted["test"])))}
             note += (f"; no validation split given, so {n_validation} of the {len(fit_rows)} fit examples were carved "
                      f"out for validation by a seeded permutation (seed {seed})")
@@ -330,6 +331,8 @@ def _label_index(raw: Any, choices: list[str], label_map: Optional[Mapping[Any, 
     """The index of the correct choice from a raw label (mapped, an index, or a choice string)."""
     if label_map is not None:
         key = raw.strip() if isinstance(raw, str) else raw
+        if key not in label_map:  # keys given as text (the command line) match labels of other types by their text
+            key = str(key).lower() if isinstance(key, bool) else str(key)
         if key not in label_map:
             raise ValueError(f"{where}: label {raw!r} in column {column!r} is not in label_map {dict(label_map)}; "
                              "add it to label_map.")
