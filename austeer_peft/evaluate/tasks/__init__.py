@@ -34,7 +34,15 @@ from collections.abc import Callable
 from typing import Optional
 
 from ...fitting.pairs import wrong_answers
-from .base import DATA_ENV_VAR, DEFAULT_N_VALIDATION, ContrastivePair, PathLike, Task, resolve_data_dir
+from .base import (
+    DATA_ENV_VAR,
+    DEFAULT_N_VALIDATION,
+    ContrastivePair,
+    PathLike,
+    Task,
+    apply_chat_template,
+    resolve_data_dir,
+)
 from .boolq import BOOLQ_CHOICES, BOOLQ_TEMPLATE, load_boolq
 from .copa import COPA_CHOICES, COPA_TEMPLATE, load_copa
 from .generation import MATH_TEMPLATE, format_number
@@ -93,6 +101,7 @@ __all__ = [
     "Task",
     "WINOGRANDE_CHOICES",
     "WINOGRANDE_TEMPLATE",
+    "apply_chat_template",
     "format_number",
     "load_boolq",
     "HubSource",
