@@ -216,3 +216,17 @@ def assert_merge_exact_and_unmerge_restores(model, original, input_ids):
         assert torch.equal(value, original[key.replace(".base_layer", "")]), key
     assert torch.equal(logits(model, input_ids), steered)
     return steered
+
+
+def tiny_checkpoint(folder: Path, chat_template: bool = True) -> Path:
+    """A tiny Llama with the character tokenizer (and its chat template, unless told not to), saved as a checkpoint
+    folder that `austeer --model` takes; room for 512 positions so that real prompts fit."""
+    config = tiny_config("llama")
+    config.max_position_embeddings = 512
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer = char_tokenizer()
+    if not chat_template:
+        tokenizer.chat_template = None
+    tokenizer.save_pretrained(folder)
+    return folder

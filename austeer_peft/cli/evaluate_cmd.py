@@ -14,7 +14,14 @@ from peft import PeftModel
 
 from ..evaluate.runner import evaluate_split
 from ..evaluate.scoring import bootstrap_ci, paired_test
-from .arguments import add_model_and_task_arguments, load_model_from_args, load_task_from_args
+from .arguments import (
+    add_model_and_task_arguments,
+    check_run_arguments,
+    load_model_from_args,
+    load_task_from_args,
+    prepare_task,
+    run_facts,
+)
 from .command import Command
 
 
@@ -27,8 +34,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    task = load_task_from_args(args)
+    check_run_arguments(args)
+    task = load_task_from_args(args)  # every row is checked before the model loads
     model, tokenizer = load_model_from_args(args)
+    task = prepare_task(task, tokenizer, args)
     vanilla = evaluate_split(model, tokenizer, task, args.split, args.scoring, batch_size=args.batch_size,
                              progress=True)
     results = {"vanilla": vanilla}
@@ -38,7 +47,7 @@ def run_eval(args: argparse.Namespace) -> int:
                                             batch_size=args.batch_size, progress=True)
     print(f"{task.name}, {args.split} split ({len(vanilla.correct)} examples), scoring {vanilla.scoring}. "
           f"{task.split_note}")
-    summary = {"task": task.name, "split": args.split, "split_note": task.split_note, "model": args.model,
+    summary = {"task": task.name, "split": args.split, "split_note": task.split_note, **run_facts(args, task),
                "adapter": args.adapter, "scoring": vanilla.scoring, "results": {}}
     for name, result in results.items():
         mean, low, high = bootstrap_ci(result.correct)

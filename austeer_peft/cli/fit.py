@@ -18,18 +18,26 @@ from ..evaluate.runner import evaluate_split
 from ..fitting.fit import fit_austeer
 from ..fitting.inputs import unsteered
 from ..fitting.selection import Candidate, Selection, guarded_choice
+from ..hub.facts import attach_card_info
 from .arguments import (
     CONFIG_DEFAULTS,
     add_model_and_task_arguments,
     add_selection_argument,
     add_output_arguments,
     add_sites_argument,
+    check_run_arguments,
+    check_steering_arguments,
     is_main_process,
     load_model_from_args,
     load_task_from_args,
-    output_folder,
+    prepare_task,
+    run_facts,
+    staged_output,
 )
 from .command import Command
+
+CHAT_TEMPLATE_CARD_LINE = ("fitted and evaluated with each prompt wrapped in the base model's chat template (one user "
+                           "turn, then the assistant's turn); use the same at inference.")
 
 
 def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,9 +70,31 @@ def auto_or(kind):
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    output = output_folder(args.output, args.force)
-    task = load_task_from_args(args)
-    model, tokenizer = load_model_from_args(args)
+    check_steering_arguments(args.sites, [args.k], [args.alpha])
+    check_run_arguments(args)
+    task = load_task_from_args(args)  # every row is checked before the model loads
+    with staged_output(args.output, args.force) as staging:  # files land in --output only if the run ends well
+        model, tokenizer = load_model_from_args(args)
+        task = prepare_task(task, tokenizer, args)
+        summary, result, check = fit_and_write(args, task, model, tokenizer, staging)
+    if summary is None:  # a process other than rank 0 under torchrun
+        return 0
+    output = args.output
+    if not summary["shipped"]:
+        reason = (check or result.auto.selection).note
+        print(f"No adapter written: {reason}. Scores and results.json are in {output}; `austeer sweep` tries a grid.")
+        return 0
+    print(f"Fitted {len(summary['aus'])} AUs on {result.scores.num_pairs} pairs of {task.name} in "
+          f"{summary['fit_seconds']:.0f} s: {output / 'adapter'} ({summary['adapter_bytes']} bytes)."
+          + (f" Validation: {check.note}." if check else ""))
+    print(f"Other (k, α) without a new pass: MomentumScores.load({str(output / 'scores.safetensors')!r})"
+          ".to_adapter(k, alpha, model); or run `austeer sweep`.")
+    return 0
+
+
+def fit_and_write(args: argparse.Namespace, task, model, tokenizer, folder):
+    """Fit, check on validation, and write scores, results.json and (if it ships) the adapter into ``folder``;
+    returns ``(summary, fit result, validation check)``, with summary None on processes that do not write."""
     started = time.perf_counter()
     result = fit_austeer(model, tokenizer, task.pairs("fit"), sites=args.sites, k=args.k, alpha=args.alpha,
                          batch_size=args.batch_size, checkpoint=args.checkpoint,
@@ -72,30 +102,23 @@ def run_fit(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - started
     check = check_on_validation(result, tokenizer, task, args)
     if not is_main_process():  # under torchrun every process fits the same adapter; one writes it
-        return 0
-    result.scores.save(output / "scores.safetensors")
+        return None, result, check
+    result.scores.save(folder / "scores.safetensors")
     aus = result.peft_model.get_aus()
     config = result.peft_model.peft_config["default"]
-    summary = {"task": task.name, "split_note": task.split_note, "sizes": task.sizes, "model": args.model,
+    summary = {"task": task.name, "split_note": task.split_note, "sizes": task.sizes, **run_facts(args, task),
                "sites": args.sites, "k": config.k, "alpha": config.alpha, "num_pairs": result.scores.num_pairs,
                "fit_seconds": round(seconds, 1), "shipped": bool(aus),
                "selection": None if check is None else check.as_dict(),
                "auto": None if result.auto is None else result.auto.selection.as_dict()}
     if aus:
-        result.save_pretrained(output / "adapter")
-        summary["adapter_bytes"] = (output / "adapter" / "adapter_model.safetensors").stat().st_size
+        if args.chat_template:
+            attach_card_info(result.peft_model, prompt_format=CHAT_TEMPLATE_CARD_LINE)
+        result.save_pretrained(folder / "adapter")
+        summary["adapter_bytes"] = (folder / "adapter" / "adapter_model.safetensors").stat().st_size
         summary["aus"] = [au._asdict() for au in aus]
-    (output / "results.json").write_text(json.dumps(summary, indent=2))
-    if not aus:
-        reason = (check or result.auto.selection).note
-        print(f"No adapter written: {reason}. Scores and results.json are in {output}; `austeer sweep` tries a grid.")
-        return 0
-    print(f"Fitted {len(aus)} AUs on {result.scores.num_pairs} pairs of {task.name} in {seconds:.0f} s: "
-          f"{output / 'adapter'} ({summary['adapter_bytes']} bytes)."
-          + (f" Validation: {check.note}." if check else ""))
-    print(f"Other (k, α) without a new pass: MomentumScores.load({str(output / 'scores.safetensors')!r})"
-          ".to_adapter(k, alpha, model); or run `austeer sweep`.")
-    return 0
+    (folder / "results.json").write_text(json.dumps(summary, indent=2))
+    return summary, result, check
 
 
 def check_on_validation(result, tokenizer, task, args) -> Optional[Selection]:
@@ -127,6 +150,8 @@ COMMAND = Command(
     "  austeer fit --task sst2 --sites ffn --k 1 --alpha 50 --output out/\n"
     "  austeer fit --model gemma3-270m --task copa --sites attention ffn --output out-gemma/\n"
     "  austeer fit --data mine.jsonl --template 'Q: {question}\\nA:' --choices ' yes' ' no' --output out/\n"
-    "  austeer fit --task boolq --checkpoint counts.safetensors --output out/   # rerun it to resume after a crash",
+    "  austeer fit --task boolq --checkpoint counts.safetensors --output out/   # rerun it to resume after a crash\n"
+    "  austeer fit --data fit=train.jsonl test=test.jsonl --template '{prompt}' --choices-column choices \\\n"
+    "      --label-column answer --model ~/models/my-model.Q4_K_M.gguf --chat-template --output out/",
     add_fit_arguments, run_fit,
 )

@@ -15,10 +15,15 @@ from .arguments import (
     add_model_and_task_arguments,
     add_selection_argument,
     add_output_arguments,
+    add_run_facts,
     add_sites_argument,
+    check_run_arguments,
+    check_steering_arguments,
     load_model_from_args,
     load_task_from_args,
-    output_folder,
+    prepare_task,
+    run_facts,
+    staged_output,
 )
 from .command import Command
 
@@ -43,16 +48,20 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    output = output_folder(args.output, args.force)
-    task = load_task_from_args(args)
-    model, tokenizer = load_model_from_args(args)
-    print(f"{task.name}: {task.sizes}. {task.split_note}")
-    comparison = compare_methods(model, tokenizer, task, sites=args.sites, ks=args.ks, alphas=args.alphas,
-                                 baselines=args.baselines, scoring=args.scoring, scope=args.scope,
-                                 batch_size=args.batch_size, output_dir=output, selection=args.selection,
-                                 seed=args.seed)
+    check_steering_arguments(args.sites, args.ks, args.alphas)
+    check_run_arguments(args)
+    task = load_task_from_args(args)  # every row is checked before the model loads
+    with staged_output(args.output, args.force) as staging:  # files land in --output only if the run ends well
+        model, tokenizer = load_model_from_args(args)
+        task = prepare_task(task, tokenizer, args)
+        print(f"{task.name}: {task.sizes}. {task.split_note}")
+        comparison = compare_methods(model, tokenizer, task, sites=args.sites, ks=args.ks, alphas=args.alphas,
+                                     baselines=args.baselines, scoring=args.scoring, scope=args.scope,
+                                     batch_size=args.batch_size, output_dir=staging, selection=args.selection,
+                                     seed=args.seed)
+        add_run_facts(staging / "results.json", run_facts(args, task))
     print(comparison.format_table())
-    print(f"Done in {comparison.seconds:.0f} s; outputs in {output}.")
+    print(f"Done in {comparison.seconds:.0f} s; outputs in {args.output}.")
     return 0
 
 
@@ -72,6 +81,10 @@ COMMAND = Command(
     "  austeer sweep --task sst2 --output out/\n"
     "  austeer sweep --model gemma3-270m --task copa --n-test 200 --output out-gemma/\n"
     "  austeer sweep --task boolq --sites attention --baselines --ks 1 4 16 --alphas 10 50 --output out/\n"
-    "  austeer sweep --task copa --baselines block caa iti sadi --scope generated --scoring exact --output out/",
+    "  austeer sweep --task copa --baselines block caa iti sadi --scope generated --scoring exact --output out/\n"
+    "  austeer sweep --data fit=train.jsonl test=test.jsonl --template '{prompt}' --choices-column choices \\\n"
+    "      --label-column answer --output out-mine/\n"
+    "  austeer sweep --data nyu-mll/glue:sst2 --split-map fit=train test=validation --template 'Review: {sentence}\\n"
+    "Sentiment:' \\\n      --choices ' negative' ' positive' --output out-glue/",
     add_sweep_arguments, run_sweep,
 )

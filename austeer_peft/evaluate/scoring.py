@@ -132,8 +132,13 @@ def restricted_choice_correct(logits: torch.Tensor, choice_ids: ChoiceIds, label
 def loglik_choice_predictions(option_logprobs: Union[torch.Tensor, Sequence[Sequence[float]]]) -> list[int]:
     """Index of the option with the highest summed log-probability, per example (ties: the first option).
 
-    ``option_logprobs`` is [batch, n_options] (e.g. :func:`continuation_logprobs` of each option, stacked).
+    ``option_logprobs`` is [batch, n_options] (e.g. :func:`continuation_logprobs` of each option, stacked), or a
+    list of per-example lists when examples have different numbers of options (user data with per-row choices).
     """
+    if not isinstance(option_logprobs, torch.Tensor) and len({len(row) for row in option_logprobs}) > 1:
+        if not all(len(row) for row in option_logprobs):
+            raise ValueError("Every example needs at least one option to score.")
+        return [max(range(len(row)), key=lambda i: float(row[i])) for row in option_logprobs]  # ties: the first
     scores = torch.as_tensor(option_logprobs, dtype=torch.float64)
     if scores.dim() != 2:
         raise ValueError(f"option_logprobs must be [batch, n_options], got {tuple(scores.shape)}.")

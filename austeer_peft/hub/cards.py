@@ -78,6 +78,7 @@ def render_card(facts: AdapterFacts, *, other_adapters: Optional[list[str]] = No
         pipeline_tag="text-generation" if facts.causal_lm else None,
         model_name=f"austeer-{base.short}" if rows else None,
         eval_results=[_to_eval_result(r) for r in facts.eval_results] or None,
+        **({"prompt_format": facts.prompt_format} if facts.prompt_format else {}),
     )
     sites = _site_rows(config)
     columns, layer_rows = _layer_table(config, aus)
@@ -108,6 +109,7 @@ def render_card(facts: AdapterFacts, *, other_adapters: Optional[list[str]] = No
         datasets=", ".join(f"[{d}](https://huggingface.co/datasets/{d})" if HUB_REPO_ID.match(d) else f"`{d}`"
                            for d in facts.datasets),
         usage_code=_usage_code(base, facts.causal_lm),
+        prompt_format=facts.prompt_format,
         other_adapters=", ".join(f"`{name}`" for name in other_adapters or []),
         mergeable=not any(site_and_layer(au.module, config)[0] == "residual" for au in aus),
         merge_code=_merge_code(),

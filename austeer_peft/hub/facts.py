@@ -41,7 +41,7 @@ CARD_NAME = "README.md"
 
 def attach_card_info(peft_model, *, datasets: Optional[list[str]] = None,
                      eval_results: Optional[list[Union[dict, EvalResult]]] = None,
-                     adapter_name: Optional[str] = None) -> dict:
+                     adapter_name: Optional[str] = None, prompt_format: Optional[str] = None) -> dict:
     """Record what a fit or an evaluation knows about an adapter, for the cards written from now on.
 
     Args:
@@ -51,6 +51,8 @@ def attach_card_info(peft_model, *, datasets: Optional[list[str]] = None,
             unsteered model's score), ``"split"`` and ``"dataset"`` (Hub id of the task's data set); or
             ``huggingface_hub.EvalResult`` objects.
         adapter_name: the adapter they describe (default: the active one).
+        prompt_format: how prompts were written when the AUs were chosen, when not plain text (e.g. wrapped in the
+            chat template); the card tells users to prompt the same way.
 
     Returns the adapter's card info (a dict with ``datasets`` and ``eval_results``); later calls add to it.
     """
@@ -66,6 +68,8 @@ def attach_card_info(peft_model, *, datasets: Optional[list[str]] = None,
         info["datasets"] = list(dict.fromkeys([*info["datasets"], *datasets]))
     for result in eval_results or []:
         info["eval_results"].append(_eval_row(result))
+    if prompt_format is not None:
+        info["prompt_format"] = prompt_format
     return info
 
 
@@ -74,7 +78,8 @@ def get_card_info(peft_model, adapter_name: str) -> dict:
     store = austeer_tuner(peft_model).__dict__.get(CARD_INFO_ATTRIBUTE) or {}
     info = store.get(adapter_name) or {}
     return {"datasets": list(info.get("datasets", [])),
-            "eval_results": [_eval_row(r) for r in info.get("eval_results", [])]}
+            "eval_results": [_eval_row(r) for r in info.get("eval_results", [])],
+            "prompt_format": info.get("prompt_format")}
 
 
 def _eval_row(result: Union[dict, EvalResult]) -> dict:
@@ -115,6 +120,7 @@ class AdapterFacts:
     base_source: Optional[dict] = None  # GGUF origin of the base weights (AUSteerConfig.base_model_source)
     datasets: list[str] = field(default_factory=list)
     eval_results: list[dict] = field(default_factory=list)
+    prompt_format: Optional[str] = None  # how prompts were written, when not plain text (attach_card_info)
 
 
 def facts_from_model(peft_model, adapter_name: str) -> AdapterFacts:
@@ -132,7 +138,7 @@ def facts_from_model(peft_model, adapter_name: str) -> AdapterFacts:
     source = config.base_model_source or base_model_source(tuner.model)
     return AdapterFacts(adapter_name, config, peft_model.get_aus(adapter_name),
                         len(save(table, metadata={"format": "pt"})), base, causal_lm, source, info["datasets"],
-                        info["eval_results"])
+                        info["eval_results"], info["prompt_format"])
 
 
 def facts_from_folder(folder: Union[str, os.PathLike], adapter_name: str = "default") -> AdapterFacts:
@@ -151,9 +157,10 @@ def facts_from_folder(folder: Union[str, os.PathLike], adapter_name: str = "defa
     aus = table_to_aus(load_file(str(folder / ADAPTER_WEIGHTS_NAME)), config)
     base_class = (raw.get("auto_mapping") or {}).get("base_model_class") or ""
     causal_lm = config.task_type == "CAUSAL_LM" or is_causal_lm_class(base_class)
-    datasets, eval_results = _card_info_from_readme(folder / CARD_NAME)
+    datasets, eval_results, prompt_format = _card_info_from_readme(folder / CARD_NAME)
     return AdapterFacts(adapter_name, config, aus, (folder / ADAPTER_WEIGHTS_NAME).stat().st_size,
-                        config.base_model_name_or_path, causal_lm, config.base_model_source, datasets, eval_results)
+                        config.base_model_name_or_path, causal_lm, config.base_model_source, datasets, eval_results,
+                        prompt_format)
 
 
 def is_causal_lm_class(class_name: str) -> bool:
@@ -167,14 +174,15 @@ def is_causal_lm_class(class_name: str) -> bool:
     return False
 
 
-def _card_info_from_readme(path: Path) -> tuple[list[str], list[dict]]:
-    """Data sets and scores from an AUSteer card already in the folder (it was written with these files)."""
+def _card_info_from_readme(path: Path) -> tuple[list[str], list[dict], Optional[str]]:
+    """Data sets, scores and prompt format from an AUSteer card already in the folder (written with these files)."""
     card = load_austeer_card(path)
     if card is None:
-        return [], []
+        return [], [], None
     datasets = card.data.datasets or []
     datasets = [datasets] if isinstance(datasets, str) else list(datasets)
-    return datasets, [_eval_row(result) for result in card.data.eval_results or []]
+    return datasets, [_eval_row(result) for result in card.data.eval_results or []], \
+        card.data.to_dict().get("prompt_format")
 
 
 def load_austeer_card(path: Union[str, os.PathLike]) -> Optional[ModelCard]:

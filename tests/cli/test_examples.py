@@ -46,3 +46,49 @@ def test_moe_example_fits_steers_and_merges_exactly():
     assert any(line.strip().startswith("expert-level AU") for line in lines)
     assert "unmerge restores every weight bit-exactly: True" in lines[-2]
     assert "reloads identically" in lines[-1]
+
+
+def _your_data_example(tmp_path, model: str, capsys) -> tuple[list[str], dict]:
+    """Run examples/your_data.py in this process (its `run`, as `python examples/your_data.py --quick` does)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model gains nothing from threads, and loses much on a busy machine
+    try:
+        return _run_your_data(tmp_path, model, capsys)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_your_data(tmp_path, model: str, capsys) -> tuple[list[str], dict]:
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("your_data", ROOT / "examples" / "your_data.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    (tmp_path / "work").mkdir()
+    example.run(model, quick=True, workdir=tmp_path / "work")
+    lines = capsys.readouterr().out.splitlines()
+    return lines, json.loads((tmp_path / "work" / "sweep" / "results.json").read_text())
+
+
+def _check_your_data_run(lines: list[str], summary: dict) -> None:
+    assert summary["sizes"] == {"fit": 24, "validation": 16, "test": 24} and summary["scoring"] == "loglik"
+    assert "16 of the 700 fit examples were carved out for validation" in summary["split_note"]
+    assert summary["chat_template"] is False and summary["data"][0].startswith("fit=")
+    methods = [row["method"] for row in summary["results"]]
+    assert methods[:2] == ["vanilla", "AUSteer-ffn"] and {"block-level", "CAA"} <= set(methods)
+    assert lines[-1].startswith("Your data: train.jsonl + test.jsonl, 3-5 choices per row;")
+
+
+def test_your_data_example_sweeps_two_files_with_per_row_choices(tmp_path, capsys):
+    """`austeer sweep` on train.jsonl + test.jsonl with 3-5 choices per row, end to end (a tiny model, for speed)."""
+    from conftest import tiny_checkpoint
+
+    _check_your_data_run(*_your_data_example(tmp_path, str(tiny_checkpoint(tmp_path / "model")), capsys))
+
+
+@pytest.mark.real
+def test_your_data_example_with_smollm2(tmp_path, capsys):
+    _check_your_data_run(*_your_data_example(tmp_path, "smollm2-135m", capsys))

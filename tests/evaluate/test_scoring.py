@@ -76,6 +76,8 @@ def test_loglik_choice():
     scores = [[-3.0, -1.5, -2.0], [-0.1, -4.0, -0.1], [-9.0, -8.0, -7.0]]
     assert S.loglik_choice_predictions(scores) == [1, 0, 2]
     assert S.loglik_choice_correct(torch.tensor(scores), [1, 2, 2]) == [True, False, True]
+    # Examples with different numbers of options (per-row choices); ties go to the first option.
+    assert S.loglik_choice_predictions([[-3.0, -1.0], [-2.0, -5.0, -0.5, -4.0], [-1.0, -1.0, -2.0]]) == [1, 2, 0]
 
 
 # ------------------------------------------------------------------------------------------------ numbers

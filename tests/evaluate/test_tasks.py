@@ -373,10 +373,34 @@ def test_user_task_errors():
     data = [{"text": "x", "y": "maybe"}]
     with pytest.raises(ValueError, match="label_map"):
         load_user_task(data, "{text}", choices=["yes", "no"], label_column="y", n_test=0)
-    with pytest.raises(KeyError, match="missing"):
+    with pytest.raises(ValueError, match=r"template field \{missing\} is not a column"):
         load_user_task(data, "{missing}", choices=["yes", "no"], label_column="y")
     with pytest.raises(ValueError, match="choices"):
         load_user_task(data, "{text}")
     mapped = load_user_task(data, "{text}", choices=["yes", "no"], label_column="y", label_map={"maybe": 1},
                             n_test=1)
     assert mapped.test[0]["label"] == 1
+
+
+def test_chat_template_wraps_every_prompt_once():
+    from conftest import char_tokenizer
+    from tokenizers import processors
+
+    rows = [{"q": f"Colour {i}?", "y": i % 2} for i in range(10)]
+    task = load_user_task(rows, "{q}", choices=[" red", " blue"], label_column="y", n_test=4, n_validation=2)
+    tokenizer = char_tokenizer()
+    wrapped = T.apply_chat_template(task, tokenizer)
+    for split in ("fit", "validation", "test"):
+        assert wrapped.split(split)["prompt"] == [f"<user>{p}\n<assistant>" for p in task.split(split)["prompt"]]
+        assert wrapped.split(split)["label"] == task.split(split)["label"]
+    assert [pair.prompt for pair in wrapped.pairs("fit")] == wrapped.fit["prompt"]
+    assert wrapped.split_note == f"{task.split_note} {base.CHAT_TEMPLATE_NOTE}" and wrapped.metadata["chat_template"]
+    # A template that writes the BOS token loses it when the tokenizer adds one itself (no doubled BOS).
+    tokenizer.chat_template = "<s>" + tokenizer.chat_template
+    assert T.apply_chat_template(task, tokenizer).test["prompt"][0].startswith("<s><user>")
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[
+        ("<s>", tokenizer.bos_token_id)])
+    assert T.apply_chat_template(task, tokenizer).test["prompt"][0].startswith("<user>")
+    tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="the tokenizer has no chat template"):
+        T.apply_chat_template(task, tokenizer)

@@ -34,14 +34,23 @@ from collections.abc import Callable
 from typing import Optional
 
 from ...fitting.pairs import wrong_answers
-from .base import DATA_ENV_VAR, DEFAULT_N_VALIDATION, ContrastivePair, PathLike, Task, resolve_data_dir
+from .base import (
+    DATA_ENV_VAR,
+    DEFAULT_N_VALIDATION,
+    ContrastivePair,
+    PathLike,
+    Task,
+    apply_chat_template,
+    resolve_data_dir,
+)
 from .boolq import BOOLQ_CHOICES, BOOLQ_TEMPLATE, load_boolq
 from .copa import COPA_CHOICES, COPA_TEMPLATE, load_copa
 from .generation import MATH_TEMPLATE, format_number
 from .mawps import load_mawps, unmask_numbers
 from .sst2 import SST2_CHOICES, SST2_TEMPLATE, load_sst2
 from .svamp import load_svamp
-from .user import load_user_task
+from .hub import HubSource, load_hub_splits
+from .user import load_hub_task, load_user_task
 from .winogrande import WINOGRANDE_CHOICES, WINOGRANDE_TEMPLATE, load_winogrande
 
 TaskLoader = Callable[..., Task]  # (data_dir=None, n_fit=None, n_validation=None, seed=0) -> Task
@@ -92,9 +101,13 @@ __all__ = [
     "Task",
     "WINOGRANDE_CHOICES",
     "WINOGRANDE_TEMPLATE",
+    "apply_chat_template",
     "format_number",
     "load_boolq",
+    "HubSource",
     "load_copa",
+    "load_hub_splits",
+    "load_hub_task",
     "load_mawps",
     "load_sst2",
     "load_svamp",

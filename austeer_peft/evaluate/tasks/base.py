@@ -129,7 +129,7 @@ def resolve_data_dir(data_dir: Optional[PathLike] = None) -> Path:
         if not path.is_dir():
             raise FileNotFoundError(f"${DATA_ENV_VAR} points to {str(path)!r}, which is not a folder.")
         return path
-    candidates = [PACKAGE_PARENT.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+    candidates = default_data_dirs()
     for path in candidates:
         if path.is_dir():
             return path
@@ -137,6 +137,21 @@ def resolve_data_dir(data_dir: Optional[PathLike] = None) -> Path:
     raise FileNotFoundError(
         f"No evaluation data folder found (tried {tried}). Pass data_dir=... or set ${DATA_ENV_VAR}."
     )
+
+
+def default_data_dirs() -> list[Path]:
+    """Where the data folder is looked for when none is named: next to the repository, then next to the working
+    directory."""
+    return [PACKAGE_PARENT.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+
+
+def find_data_dir(data_dir: Optional[PathLike] = None) -> Optional[Path]:
+    """:func:`resolve_data_dir`, or None when no folder is named (argument, ``$AUSTEER_DATA``) and none of the
+    default places holds one: the built-in tasks then load their public copies from the Hub. A folder that is named
+    but missing is still an error (the user asked for it)."""
+    if data_dir is None and not os.environ.get(DATA_ENV_VAR) and not any(p.is_dir() for p in default_data_dirs()):
+        return None
+    return resolve_data_dir(data_dir)
 
 
 def data_file(data_dir: Path, *parts: str) -> Path:
@@ -184,3 +199,33 @@ def sizes_or_defaults(n_fit: Optional[int], n_validation: Optional[int], default
     """``(n_fit, n_validation)`` with the task's default fit size and the shared validation size filled in."""
     return (default_fit if n_fit is None else n_fit,
             DEFAULT_N_VALIDATION if n_validation is None else n_validation)
+
+
+# ------------------------------------------------------------------------------------------------- chat template
+
+CHAT_TEMPLATE_NOTE = "Prompts wrapped in the tokenizer's chat template (one user turn, then the assistant's turn)."
+
+
+def apply_chat_template(task: Task, tokenizer: Any) -> Task:
+    """The task with every prompt wrapped as one user turn in ``tokenizer``'s chat template, ending where the
+    assistant's answer begins (instruct models answer differently inside it); choices and answers stay the
+    continuations. A template that writes the BOS token is stripped of it when the tokenizer adds one itself."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template (base models usually have none); run without it.")
+    bos = tokenizer.bos_token
+    adds_bos = bos is not None and tokenizer("x").input_ids[:1] == [tokenizer.bos_token_id]
+
+    def wrap(prompt: str) -> str:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        return text[len(bos):] if adds_bos and text.startswith(bos) else text
+
+    def wrapped(split: Dataset) -> Dataset:
+        if not len(split):
+            return split
+        prompts = [wrap(prompt) for prompt in split["prompt"]]
+        return split.remove_columns("prompt").add_column("prompt", prompts)
+
+    return Task(task.name, task.kind, wrapped(task.fit), wrapped(task.validation), wrapped(task.test),
+                choices=task.choices, split_note=f"{task.split_note} {CHAT_TEMPLATE_NOTE}", seed=task.seed,
+                metadata={**task.metadata, "chat_template": True})

@@ -1,7 +1,10 @@
 """MAWPS (Koncel-Kedziorski et al., 2016), fold 0 of the SVAMP authors' split: math word problems whose numbers are
 masked as ``number0``, ``number1``, ... and put back here from the ``Numbers`` column; a generation task.
 
-Fit and validation are drawn from fold0_train.csv (1537), the test split is fold0_dev.csv (384).
+Fit and validation are drawn from fold0_train.csv (1537), the test split is fold0_dev.csv (384). Without a local
+data folder MAWPS comes from the Hub (``ChilleD/MAWPS``, the same masked format): fit and validation from its train
+split, test = its test split (355, the size the paper reports); the split note says so, as that split is not
+fold 0.
 """
 
 from __future__ import annotations
@@ -12,8 +15,11 @@ from typing import Optional
 
 from datasets import load_dataset
 
-from .base import PathLike, Task, check_sizes, data_file, pool_split, resolve_data_dir, sizes_or_defaults
+from .base import PathLike, Task, check_sizes, data_file, find_data_dir, pool_split, sizes_or_defaults
 from .generation import MATH_TEMPLATE, WRONG_ANSWER_NOTE, format_number, generation_split
+from .hub import HubSource, load_hub_splits
+
+MAWPS_HUB = HubSource("ChilleD/MAWPS")
 
 
 def unmask_numbers(text: str, numbers: str) -> str:
@@ -31,12 +37,20 @@ def unmask_numbers(text: str, numbers: str) -> str:
 
 def read_mawps(path: Path) -> list[dict]:
     """Rows of one MAWPS fold CSV (``Question`` with masked numbers, ``Numbers``, ``Answer``)."""
-    raw = load_dataset("csv", data_files=str(path), split="train")
+    return mawps_rows(load_dataset("csv", data_files=str(path), split="train"), path.stem)
+
+
+def mawps_rows(dataset, stem: str) -> list[dict]:
+    """Rows of MAWPS problems (``Question`` with numbers masked as ``number0``..., ``Numbers``, ``Answer``), from a
+    local fold CSV or a Hub split."""
+    missing = {"Question", "Numbers", "Answer"} - set(dataset.column_names)
+    if missing:
+        raise ValueError(f"MAWPS {stem}: no column(s) {sorted(missing)} (columns: {', '.join(dataset.column_names)}).")
     rows = []
-    for number, example in enumerate(raw):
+    for number, example in enumerate(dataset):
         problem = unmask_numbers(str(example["Question"]).strip(), str(example["Numbers"]))
         rows.append({
-            "id": f"{path.stem}-{number}",
+            "id": f"{stem}-{number}",
             "problem": problem,
             "prompt": MATH_TEMPLATE.format(problem=problem),
             "answer": float(example["Answer"]),
@@ -48,14 +62,22 @@ def load_mawps(data_dir: Optional[PathLike] = None, n_fit: Optional[int] = None,
                seed: int = 0) -> Task:
     """MAWPS fold 0: fit (1000) and validation (200) drawn disjointly from fold0_train.csv (1537), test =
     fold0_dev.csv (384). Masked numbers are put back from the Numbers column."""
-    folder = resolve_data_dir(data_dir) / "MAWPS"
-    train = read_mawps(data_file(folder, "fold0_train.csv"))
-    test = read_mawps(data_file(folder, "fold0_dev.csv"))
+    folder = find_data_dir(data_dir)
+    if folder is None:
+        splits = load_hub_splits(MAWPS_HUB, ["train", "test"])
+        train, test = mawps_rows(splits["train"], "train"), mawps_rows(splits["test"], "test")
+        train_name, test_name = "its train split", "its test split"
+        origin, test_extra = f" from the Hub ({MAWPS_HUB}, no local data folder; not fold 0)", ""
+    else:
+        train = read_mawps(data_file(folder / "MAWPS", "fold0_train.csv"))
+        test = read_mawps(data_file(folder / "MAWPS", "fold0_dev.csv"))
+        train_name, test_name, origin, test_extra = "fold0_train.csv", "fold0_dev.csv", " fold 0", \
+            "; the paper reports 355"
     n_fit, n_validation = sizes_or_defaults(n_fit, n_validation, default_fit=1000)
-    check_sizes("mawps", n_fit, n_validation, len(train), "fold0_train.csv")
+    check_sizes("mawps", n_fit, n_validation, len(train), train_name)
     fit_idx, val_idx, _ = pool_split(len(train), len(train), n_fit, n_validation, seed)
-    note = (f"MAWPS fold 0: fit {len(fit_idx)} + validation {len(val_idx)} drawn disjointly from fold0_train.csv "
-            f"({len(train)}) with seed {seed}; test = fold0_dev.csv ({len(test)}; the paper reports 355). "
-            + WRONG_ANSWER_NOTE)
+    note = (f"MAWPS{origin}: fit {len(fit_idx)} + validation {len(val_idx)} drawn disjointly from {train_name} "
+            f"({len(train)}) with seed {seed}; test = {test_name} ({len(test)}{test_extra}). " + WRONG_ANSWER_NOTE)
     return Task("mawps", "generation", generation_split(train, fit_idx), generation_split(train, val_idx),
-                generation_split(test, range(len(test))), split_note=note, seed=seed)
+                generation_split(test, range(len(test))), split_note=note, seed=seed,
+                metadata={"hub_dataset": str(MAWPS_HUB)} if folder is None else {})
