@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +102,21 @@ def caa_vectors(model: nn.Module, tokenizer: Any, pairs: Any, *, batch_size: int
     return CAAVectors(torch.stack(sums) / len(token_pairs), len(token_pairs))
 
 
+# Hook-based steering (CAA) is invisible to PEFT's disable_adapter; a pass that must see the unsteered model while such
+# a steer is active (the detox task's fluency, measured under the unsteered model) pauses it with `hooks_paused()`.
+_HOOKS_PAUSED = contextvars.ContextVar("austeer_steering_hooks_paused", default=False)
+
+
+@contextlib.contextmanager
+def hooks_paused() -> Iterator[None]:
+    """Inside the block, the steering hooks of this module leave every output unchanged."""
+    token = _HOOKS_PAUSED.set(True)
+    try:
+        yield
+    finally:
+        _HOOKS_PAUSED.reset(token)
+
+
 @contextlib.contextmanager
 def caa_steering(model: nn.Module, layer: int, vector: torch.Tensor, multiplier: float) -> Iterator[None]:
     """Add ``multiplier * vector`` to the output of decoder layer ``layer`` at every position, inside the block."""
@@ -109,6 +125,8 @@ def caa_steering(model: nn.Module, layer: int, vector: torch.Tensor, multiplier:
         raise ValueError(f"CAA layer {layer} is out of range; the model has {len(layers)} decoder layers.")
 
     def hook(module, args, output):
+        if _HOOKS_PAUSED.get():
+            return output
         hidden = output if torch.is_tensor(output) else output[0]
         steered = hidden + (multiplier * vector).to(device=hidden.device, dtype=hidden.dtype)
         return steered if torch.is_tensor(output) else (steered, *output[1:])

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -100,6 +100,7 @@ class Comparison:
                 round(100 * method.validation_accuracy, 2),
                 **({"also_" + name: round(100 * sum(v) / len(v), 2) for name, v in method.test.also.items()}),
                 "predicted": self._predicted(method.test),
+                **({"metrics": _rounded(method.test.metrics)} if method.test.metrics is not None else {}),
                 "settings": method.settings,
                 "selection": None if method.selection is None else method.selection.as_dict(),
             })
@@ -127,6 +128,16 @@ class Comparison:
                 gain, settings = "not shipped", NO_STEER_NOTE
             lines.append(f"{row['method']:<20} {row['steered']:>9} {accuracy:>24} {gain:>26} {p_value:>8} "
                          f"{row['adapter_bytes']:>13} {row['fit_seconds']:>7.1f}  {answers:<22} {settings}")
+        rows = [row for row in self.table() if "metrics" in row]
+        if rows:  # open generation: the accuracy above is "non-toxic and fluent"; its parts, and the text quality
+            lines.append(f"{'method':<20} {'non-toxic %':>11} {'fluent %':>9} {'mean toxicity':>13} "
+                         f"{'perplexity':>10} {'distinct-1':>10} {'distinct-2':>10}   (test; scorer "
+                         f"{rows[0]['metrics']['scorer']}, not Perspective)")
+            for row in rows:
+                m = row["metrics"]
+                lines.append(f"{row['method']:<20} {100 * m['detox_rate']:>11.1f} {100 * m['fluent_rate']:>9.1f} "
+                             f"{m['mean_toxicity']:>13.3f} {m['perplexity']:>10.2f} {m['distinct_1']:>10.3f} "
+                             f"{m['distinct_2']:>10.3f}")
         return "\n".join(lines)
 
 
@@ -145,11 +156,13 @@ def compare_methods(
     output_dir: Optional[Union[str, Path]] = None,
     progress: bool = True,
     selection: str = "guarded",
+    on_result: Optional[Callable[[MethodResult], None]] = None,
 ) -> Comparison:
     """Fit, sweep on ``task.validation``, test once on ``task.test``: vanilla, AUSteer per site, then baselines.
 
     ``selection="most-accurate"`` ships every method's most accurate cell unchecked (the rule before the guarded one;
     for comparisons).
+    ``on_result`` is called with each method's row as soon as it is scored (a long run can write as it goes).
     ``model`` is a plain transformers model; it comes back wrapped (a PeftModel holding one adapter per AUSteer
     method and ``block_level``), as with ``get_peft_model``.
     """
@@ -169,6 +182,8 @@ def compare_methods(
 
     vanilla_validation, vanilla_test = evaluate(model, "validation"), evaluate(model, "test")
     methods = [MethodResult("vanilla", 0, vanilla_test, 0, 0.0, vanilla_validation.accuracy)]
+    report = on_result or (lambda result: None)
+    report(methods[0])
     sweeps: list[SweepResult] = []
 
     # AUSteer: one momentum pass over all sites, one sweep per site.
@@ -188,6 +203,7 @@ def compare_methods(
         methods.append(_method_result(sweep, lambda: evaluate(peft_model, "test"), vanilla_test,
                                       lambda: _adapter_bytes(peft_model, name, output), fit_seconds,
                                       lambda cell: {"k": cell.k, "alpha": cell.alpha}))
+        report(methods[-1])
 
     if "block" in baselines:
         # The blocks of the AUSteer site whose steer ships with the best validation accuracy; when none ships, of the
@@ -207,10 +223,12 @@ def compare_methods(
         methods.append(_method_result(block_sweep, lambda: evaluate(peft_model, "test"), vanilla_test,
                                       lambda: _adapter_bytes(peft_model, "block_level", output), fit_seconds,
                                       lambda cell: {"blocks": blocks, "alpha": cell.alpha}))
+        report(methods[-1])
 
     if "caa" in baselines:
         methods.append(_caa(peft_model, tokenizer, task, pairs, caa_multipliers, evaluate, sweeps, vanilla_validation,
                             vanilla_test, scoring, batch_size, output, progress, selection))
+        report(methods[-1])
 
     comparison = Comparison(task.name, task.split_note, vanilla_test.scoring, task.sizes, methods, sweeps,
                             time.perf_counter() - started, task.choices)
@@ -250,6 +268,10 @@ def _caa(model, tokenizer, task, pairs, multipliers, evaluate, sweeps, vanilla_v
 
     return _method_result(sweep, lambda: test, vanilla_test, size, fit_seconds,
                           lambda cell: {"layer": cell.k, "multiplier": cell.alpha})
+
+
+def _rounded(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {name: round(value, 6) if isinstance(value, float) else value for name, value in metrics.items()}
 
 
 def _method_result(sweep: SweepResult, test, vanilla_test: SplitResult, adapter_bytes, fit_seconds: float,
