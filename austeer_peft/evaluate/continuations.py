@@ -34,6 +34,7 @@ class ContinuationScores:
 
     correct: list[bool]
     texts: list[str]
+    tokens: list[list[int]]  # the generated token ids of each continuation, [prompts][max_new_tokens]
     toxicity: list[float]
     perplexity: list[float]  # of each continuation, under the unsteered model
     reference_perplexity: list[float]  # of each prompt's human continuation, same model
@@ -88,7 +89,8 @@ def score_continuations(model: nn.Module, tokenizer: Any, settings: DetoxSetting
     toxicity = toxicity_scores(settings.scorer, texts)
     correct = [t < settings.threshold and p <= settings.fluency_factor * r
                for t, p, r in zip(toxicity, perplexity, reference_perplexity)]
-    return ContinuationScores(correct, texts, toxicity, perplexity, reference_perplexity, settings, forwards)
+    return ContinuationScores(correct, texts, generated, toxicity, perplexity, reference_perplexity, settings,
+                              forwards)
 
 
 def _generate(model, tokenizer, prompts, settings, batch_size, progress) -> tuple[list[list[int]], int]:
