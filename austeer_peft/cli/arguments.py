@@ -54,7 +54,8 @@ def add_model_and_task_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--scoring", choices=list(SCORINGS),
                        help="restricted: first-token score among the choices (default for choice tasks); greedy: "
                             "the paper's metric, greedy next token over the whole vocabulary; loglik: summed "
-                            "log-probability of each option; number: last number of a greedy generation")
+                            "log-probability of each option; number: last number of a greedy generation; toxicity "
+                            "(detox): a continuation per prompt, right when non-toxic and fluent")
     group.add_argument("--batch-size", type=int, default=16, help="examples (or pairs) per forward pass")
 
 
