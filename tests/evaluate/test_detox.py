@@ -227,3 +227,16 @@ def test_compare_methods_on_detox_reports_text_quality_as_it_goes():
     assert all(set(row["metrics"]) >= {"detox_rate", "perplexity", "distinct_1", "distinct_2"} for row in rows)
     assert rows[0]["test_accuracy"] == pytest.approx(100 * rows[0]["metrics"]["detox_fluent_rate"])
     assert "distinct-2" in comparison.format_table() and "not Perspective" in comparison.format_table()
+
+
+def test_sampled_continuations_are_seeded():
+    model, tokenizer = tiny_model("llama"), char_tokenizer()
+    zero = lambda texts: [0.0] * len(texts)  # noqa: E731
+
+    def tokens(**settings):
+        task = tiny_detox_task(zero, n=4, **settings)
+        return score_continuations(model, tokenizer, task.metadata["detox"], task.validation, batch_size=4).tokens
+
+    sampled = tokens(do_sample=True, seed=3)
+    assert tokens(do_sample=True, seed=3) == sampled
+    assert tokens(do_sample=True, seed=4) != sampled and tokens() != sampled
