@@ -1,5 +1,6 @@
 """Evaluation data and scoring for AUSteer: the paper's tasks as uniform :class:`Task` objects with deterministic
-splits and contrastive pairs, and model-free scoring functions (accuracy, bootstrap CIs, paired tests)."""
+splits and contrastive pairs, and model-free scoring functions (accuracy, bootstrap CIs, paired tests), and the
+detoxification task's pluggable toxicity scorer."""
 
 from .scoring import (
     accuracy,
@@ -19,11 +20,14 @@ from .scoring import (
     restricted_choice_predictions,
 )
 from .runner import SCORINGS, SplitResult, default_scoring, evaluate_split
+from .toxicity import TOXICITY_THRESHOLD, ProfanityCheckScorer, distinct_n
 from .tasks import (
     TASK_NAMES,
     ContrastivePair,
+    DetoxSettings,
     Task,
     format_number,
+    load_detox,
     load_task,
     load_user_task,
     resolve_data_dir,
@@ -31,7 +35,10 @@ from .tasks import (
 )
 
 __all__ = [
+    "DetoxSettings",
+    "ProfanityCheckScorer",
     "SCORINGS",
+    "TOXICITY_THRESHOLD",
     "SplitResult",
     "TASK_NAMES",
     "ContrastivePair",
@@ -41,11 +48,13 @@ __all__ = [
     "choice_token_ids",
     "continuation_logprobs",
     "default_scoring",
+    "distinct_n",
     "evaluate_split",
     "format_number",
     "generation_correct",
     "greedy_choice_correct",
     "greedy_choice_predictions",
+    "load_detox",
     "load_task",
     "load_user_task",
     "loglik_choice_correct",
