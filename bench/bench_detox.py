@@ -7,6 +7,9 @@ non-toxic share alone, perplexity and distinct-1/2. Not comparable with the pape
 
     nice python bench/bench_detox.py --model smollm2-135m --n-validation 100 --n-test 200 \
         --ks 10 100 --alphas 10 50 --caa-multipliers 4 --output bench/detox-runs/smollm2.json
+
+On a shared machine CAA can run beside it in a second process (one AUSteer cell, which it needs for its pass):
+``--sites attention --ks 16 --alphas 10 --baselines caa``.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ def run(args: argparse.Namespace) -> dict:
     task = load_task("detox", n_fit=args.n_fit, n_validation=args.n_validation)
     if args.n_test is not None and args.n_test < len(task.test):
         task.test = task.test.select(range(args.n_test))
-    result = {"model": args.model, "task": "detox", "sizes": task.sizes, "split_note": task.split_note,
+    result = {"model": args.model, "task": "detox", "sizes": task.sizes, "baselines": args.baselines, "split_note": task.split_note,
               "grid": {"ks": args.ks, "alphas": args.alphas, "caa_multipliers": args.caa_multipliers},
               "threads": args.threads, "load_average_at_start": load, "command": args.command, "methods": []}
     output = Path(args.output)
@@ -56,7 +59,7 @@ def run(args: argparse.Namespace) -> dict:
               f"{method.test.metrics}", flush=True)
 
     comparison = compare_methods(model, tokenizer, task, sites=args.sites, ks=args.ks, alphas=args.alphas,
-                                 caa_multipliers=args.caa_multipliers, batch_size=args.batch_size,
+                                 baselines=args.baselines, caa_multipliers=args.caa_multipliers, batch_size=args.batch_size,
                                  progress=False, on_result=write)
     result["table"] = comparison.format_table()
     result["sweep_cells"] = [{"method": s.method, "cells": [[c.k, c.alpha, c.num_aus, round(100 * c.accuracy, 2)]
@@ -76,6 +79,7 @@ def main() -> None:
     parser.add_argument("--n-test", type=int, default=200)
     parser.add_argument("--ks", nargs="+", type=int, default=[10, 100])
     parser.add_argument("--alphas", nargs="+", type=float, default=[10.0, 50.0])
+    parser.add_argument("--baselines", nargs="*", default=["block", "caa"])
     parser.add_argument("--caa-multipliers", nargs="+", type=float, default=[4.0])
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
