@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> dict:
     task = load_task("detox", n_fit=args.n_fit, n_validation=args.n_validation)
     if args.n_test is not None and args.n_test < len(task.test):
         task.test = task.test.select(range(args.n_test))
+        task.split_note += f" Test scored on its first {args.n_test} examples only."
     result = {"model": args.model, "task": "detox", "sizes": task.sizes, "baselines": args.baselines, "split_note": task.split_note,
               "grid": {"ks": args.ks, "alphas": args.alphas, "caa_multipliers": args.caa_multipliers},
               "threads": args.threads, "load_average_at_start": load, "command": args.command, "methods": []}
