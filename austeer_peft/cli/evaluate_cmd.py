@@ -58,10 +58,14 @@ def run_eval(args: argparse.Namespace) -> int:
         shares = result.predicted_shares(task.choices)
         if shares is not None:
             line += "  answers: " + " · ".join(f"{c.strip()} {100 * share:.0f} %" for c, share in shares.items())
+        if result.metrics is not None:  # open generation: the parts of "detoxified" and the text quality
+            m = result.metrics
+            line += (f"  non-toxic {100 * m['detox_rate']:.1f} %, fluent {100 * m['fluent_rate']:.1f} %, perplexity "
+                     f"{m['perplexity']:.2f}, distinct-1/2 {m['distinct_1']:.3f}/{m['distinct_2']:.3f}")
         print(line)
         summary["results"][name] = {"accuracy": mean, "ci": [low, high], "correct": result.correct,
                                     **{f"also_{k}": sum(v) / len(v) for k, v in result.also.items()},
-                                    "predicted": shares}
+                                    "predicted": shares, **({"metrics": result.metrics} if result.metrics else {})}
     if args.output is not None:
         args.output.mkdir(parents=True, exist_ok=True)
         (args.output / "results.json").write_text(json.dumps(summary, indent=2))

@@ -1,5 +1,6 @@
 """Evaluation data and scoring for AUSteer: the paper's tasks as uniform :class:`Task` objects with deterministic
-splits and contrastive pairs, and model-free scoring functions (accuracy, bootstrap CIs, paired tests)."""
+splits and contrastive pairs, and model-free scoring functions (accuracy, bootstrap CIs, paired tests), and the
+detoxification task's pluggable toxicity scorer."""
 
 from .scoring import (
     accuracy,
@@ -20,12 +21,15 @@ from .scoring import (
     restricted_choice_predictions,
 )
 from .runner import SCORINGS, SplitResult, default_scoring, evaluate_split
+from .toxicity import TOXICITY_THRESHOLD, ProfanityCheckScorer, distinct_n
 from .tasks import (
     TASK_NAMES,
     ContrastivePair,
+    DetoxSettings,
     Task,
     format_number,
     load_hub_task,
+    load_detox,
     load_task,
     load_user_task,
     resolve_data_dir,
@@ -33,7 +37,10 @@ from .tasks import (
 )
 
 __all__ = [
+    "DetoxSettings",
+    "ProfanityCheckScorer",
     "SCORINGS",
+    "TOXICITY_THRESHOLD",
     "SplitResult",
     "TASK_NAMES",
     "ContrastivePair",
@@ -43,6 +50,7 @@ __all__ = [
     "choice_token_ids",
     "continuation_logprobs",
     "default_scoring",
+    "distinct_n",
     "evaluate_split",
     "exact_match_predictions",
     "format_number",
@@ -50,6 +58,7 @@ __all__ = [
     "greedy_choice_correct",
     "greedy_choice_predictions",
     "load_hub_task",
+    "load_detox",
     "load_task",
     "load_user_task",
     "loglik_choice_correct",

@@ -12,6 +12,7 @@ The additive methods (CAA here, ITI in :mod:`.heads`, the fixed-vector ablation 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,21 @@ def caa_vectors(model: nn.Module, tokenizer: Any, pairs: Any, *, batch_size: int
     return CAAVectors(sums / num_pairs, num_pairs)
 
 
+# Hook-based steering (CAA, ITI, the fixed-vector ablation) is invisible to PEFT's disable_adapter; a pass that must see the unsteered model while such
+# a steer is active (the detox task's fluency, measured under the unsteered model) pauses it with `hooks_paused()`.
+_HOOKS_PAUSED = contextvars.ContextVar("austeer_steering_hooks_paused", default=False)
+
+
+@contextlib.contextmanager
+def hooks_paused() -> Iterator[None]:
+    """Inside the block, the steering hooks of this module leave every output unchanged."""
+    token = _HOOKS_PAUSED.set(True)
+    try:
+        yield
+    finally:
+        _HOOKS_PAUSED.reset(token)
+
+
 @contextlib.contextmanager
 def added_vectors(model: nn.Module, vectors: dict[str, tuple[str, torch.Tensor]], scope: str = "all"
                   ) -> Iterator[None]:
@@ -104,6 +120,8 @@ def added_vectors(model: nn.Module, vectors: dict[str, tuple[str, torch.Tensor]]
         raise ValueError(f"Modules {missing} are not in the model; steer modules of the model the vectors came from.")
 
     def added(hidden: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+        if _HOOKS_PAUSED.get():
+            return hidden
         vector = vector.to(device=hidden.device, dtype=hidden.dtype)
         if scope == "all":
             return hidden + vector

@@ -96,6 +96,7 @@ class Comparison:
                 round(100 * method.validation_accuracy, 2),
                 **({"also_" + name: round(100 * sum(v) / len(v), 2) for name, v in method.test.also.items()}),
                 "predicted": self._predicted(method.test),
+                **({"metrics": _rounded(method.test.metrics)} if method.test.metrics is not None else {}),
                 "settings": method.settings,
                 "selection": None if method.selection is None else method.selection.as_dict(),
             })
@@ -123,6 +124,16 @@ class Comparison:
                 gain, settings = "not shipped", NO_STEER_NOTE
             lines.append(f"{row['method']:<36} {row['steered']:>9} {accuracy:>24} {gain:>26} {p_value:>8} "
                          f"{row['adapter_bytes']:>13} {row['fit_seconds']:>7.1f}  {answers:<22} {settings}")
+        rows = [row for row in self.table() if "metrics" in row]
+        if rows:  # open generation: the accuracy above is "non-toxic and fluent"; its parts, and the text quality
+            lines.append(f"{'method':<20} {'non-toxic %':>11} {'fluent %':>9} {'mean toxicity':>13} "
+                         f"{'perplexity':>10} {'distinct-1':>10} {'distinct-2':>10}   (test; scorer "
+                         f"{rows[0]['metrics']['scorer']}, not Perspective)")
+            for row in rows:
+                m = row["metrics"]
+                lines.append(f"{row['method']:<20} {100 * m['detox_rate']:>11.1f} {100 * m['fluent_rate']:>9.1f} "
+                             f"{m['mean_toxicity']:>13.3f} {m['perplexity']:>10.2f} {m['distinct_1']:>10.3f} "
+                             f"{m['distinct_2']:>10.3f}")
         return "\n".join(lines)
 
 
@@ -149,6 +160,7 @@ def compare_methods(
     selection: str = "guarded",
     seed: int = 0,
     on_method: Optional[Callable[["Comparison"], None]] = None,
+    on_result: Optional[Callable[[MethodResult], None]] = None,
 ) -> Comparison:
     """Fit, sweep on ``task.validation``, test once on ``task.test``: vanilla, AUSteer per site, then baselines
     (any of :data:`BASELINES`: ``block``, ``caa``, ``iti``, ``sadi``, and the ablations ``random``, ``mean-diff``,
@@ -156,7 +168,8 @@ def compare_methods(
 
     ``selection="most-accurate"`` ships every method's most accurate cell unchecked (the rule before the guarded one;
     for comparisons). ``scope``: ``"all"`` steers every token, ``"generated"`` from the last prompt token on.
-    ``on_method`` is called with the comparison so far after each method (e.g. to write partial results).
+    ``on_method`` is called with the comparison so far after each method (e.g. to write partial results);
+    ``on_result`` with each method's row as soon as it is scored.
     ``model`` is a plain transformers model; it comes back wrapped (a PeftModel holding one adapter per AUSteer-based
     method), as with ``get_peft_model``.
     """
@@ -181,6 +194,8 @@ def compare_methods(
 
     vanilla_validation, vanilla_test = evaluate(model, "validation"), evaluate(model, "test")
     methods = [MethodResult("vanilla", 0, vanilla_test, 0, 0.0, vanilla_validation.accuracy)]
+    report = on_result or (lambda result: None)
+    report(methods[0])
     sweeps: list[SweepResult] = []
 
     def comparison() -> Comparison:
@@ -189,6 +204,7 @@ def compare_methods(
 
     def add(row: MethodResult) -> None:
         methods.append(row)
+        report(row)
         if on_method is not None:
             on_method(comparison())
 
@@ -293,6 +309,10 @@ def _caa(model, tokenizer, task, pairs, multipliers, layer_fractions, evaluate, 
 
     return method_result(sweep, lambda: test, vanilla_test, size, fit_seconds,
                           lambda cell: {"layer": cell.k, "multiplier": cell.alpha})
+
+
+def _rounded(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {name: round(value, 6) if isinstance(value, float) else value for name, value in metrics.items()}
 
 
 def _write_outputs(comparison: Comparison, scores, peft_model, output: Path) -> None:

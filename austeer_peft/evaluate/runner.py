@@ -11,6 +11,8 @@ Scoring methods (see :mod:`austeer_peft.evaluate.scoring` for the pure functions
   decoded, stripped and lower-cased, must equal the stripped, lower-cased correct choice. Same forward again.
 * ``"loglik"`` -- choice tasks: summed log-probability of each option's whole continuation (one sequence per option).
 * ``"number"`` -- generation tasks: greedy decoding of ``max_new_tokens``, then exact match of the last number.
+* ``"toxicity"`` -- open-generation tasks (detoxification): a continuation per prompt as the task's settings say,
+  right when non-toxic and fluent (:mod:`austeer_peft.evaluate.continuations`); split figures in ``metrics``.
 
 Batches are sorted by length and left-padded (:func:`austeer_peft.fitting.inputs.pad`), with position ids counted
 from each row's first real token, so a row's result does not depend on what it is batched with.
@@ -37,10 +39,12 @@ from .scoring import (
     loglik_choice_predictions,
     restricted_choice_predictions,
 )
+from .continuations import detox_settings, score_continuations
 from .tasks import Task
 
-SCORINGS = ("restricted", "greedy", "exact", "loglik", "number")
+SCORINGS = ("restricted", "greedy", "exact", "loglik", "number", "toxicity")
 FIRST_TOKEN_SCORINGS = ("restricted", "greedy", "exact")  # all three from one forward per batch
+KIND_SCORINGS = {"generation": ("number",), "open": ("toxicity",)}  # choice tasks: the others
 STOP_STRINGS = ("\n\n", "Question:")  # a generated answer ends where the model starts a new paragraph or problem
 
 
@@ -55,6 +59,8 @@ class SplitResult:
     # Choice tasks: the index of the choice each example was answered with under `scoring` (-1: greedy emitted none
     # of them), so a report can show whether a gain is a shifted answer preference. None for generation.
     predicted: Optional[list[int]] = None
+    # Open-generation tasks: split-level figures (detoxification rate, perplexity, distinct-n, ...). None otherwise.
+    metrics: Optional[dict[str, Any]] = None
 
     @property
     def accuracy(self) -> float:
@@ -72,9 +78,10 @@ class SplitResult:
 
 
 def default_scoring(task: Task) -> str:
-    """``"number"`` for generation tasks, ``"restricted"`` when all rows share their choices, else ``"loglik"``."""
-    if task.kind == "generation":
-        return "number"
+    """``"number"`` for generation tasks, ``"toxicity"`` for open-generation ones, ``"restricted"`` when all rows
+    share their choices, else ``"loglik"``."""
+    if task.kind in KIND_SCORINGS:
+        return KIND_SCORINGS[task.kind][0]
     return "restricted" if task.choices is not None else "loglik"
 
 
@@ -86,18 +93,22 @@ def evaluate_split(
     scoring: Optional[str] = None,
     *,
     batch_size: int = 16,
-    max_new_tokens: int = 12,
+    max_new_tokens: Optional[int] = None,
     progress: bool = False,
 ) -> SplitResult:
-    """Score ``model`` on a split of ``task`` (a split name or a ``Dataset`` with the task's columns)."""
+    """Score ``model`` on a split of ``task`` (a split name or a ``Dataset`` with the task's columns).
+
+    ``max_new_tokens`` is for ``"number"`` (default 12); ``"toxicity"`` generates as the task's ``DetoxSettings``
+    say, and refuses it."""
     data = task.split(split) if isinstance(split, str) else split
     if len(data) == 0:
         raise ValueError(f"The {split if isinstance(split, str) else 'given'} split of {task.name} is empty.")
     scoring = scoring or default_scoring(task)
     if scoring not in SCORINGS:
         raise ValueError(f"Unknown scoring {scoring!r}; expected one of {', '.join(SCORINGS)}.")
-    if (scoring == "number") != (task.kind == "generation"):
-        expected = "'number'" if task.kind == "generation" else "'restricted', 'greedy', 'exact' or 'loglik'"
+    allowed = KIND_SCORINGS.get(task.kind, ("restricted", "greedy", "exact", "loglik"))
+    if scoring not in allowed:
+        expected = " or ".join(repr(name) for name in allowed)
         raise ValueError(f"Scoring {scoring!r} does not fit the {task.kind} task {task.name}; use {expected}.")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
@@ -105,9 +116,15 @@ def evaluate_split(
         raise ValueError(f"Scoring {scoring!r} needs choices shared by every row; {task.name} has per-row choices, "
                          "so use scoring='loglik'.")
 
+    if scoring == "toxicity":
+        if max_new_tokens is not None:
+            raise ValueError("Scoring 'toxicity' takes its generation length from the task's DetoxSettings; set "
+                             "load_detox(max_new_tokens=...) instead of passing max_new_tokens here.")
+        scored = score_continuations(model, tokenizer, detox_settings(task), data, batch_size, progress)
+        return SplitResult("toxicity", scored.correct, {}, scored.forwards, metrics=scored.metrics)
     with torch.inference_mode():
         if scoring == "number":
-            return _score_generation(model, tokenizer, data, batch_size, max_new_tokens, progress)
+            return _score_generation(model, tokenizer, data, batch_size, max_new_tokens or 12, progress)
         if scoring == "loglik":
             return _score_loglik(model, tokenizer, data, batch_size, progress)
         return _score_first_token(model, tokenizer, task, data, scoring, batch_size, progress)

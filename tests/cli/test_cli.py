@@ -342,3 +342,15 @@ def test_defaults_come_from_the_library(capsys):
     task_help = " ".join(capsys.readouterr().out.split())
     assert f"built-in task: {', '.join(TASK_NAMES)} (read from --data-dir)" in task_help
     assert "winogrande" in TASK_NAMES
+
+
+def test_eval_on_the_detox_task_reports_toxicity_fluency_and_diversity(tmp_path, capsys):
+    """`austeer eval --task detox` with the default offline scorer: the detoxified share and its parts."""
+    model = str(real_task_model_folder(tmp_path / "model"))
+    assert main(["eval", "--model", model, "--task", "realtoxicityprompts", "--n-validation", "6", "--split",
+                 "validation", "--batch-size", "6", "--output", str(tmp_path / "eval")]) == 0
+    printed = capsys.readouterr().out
+    assert "scoring toxicity" in printed and "non-toxic" in printed and "distinct-1/2" in printed
+    vanilla = json.loads((tmp_path / "eval" / "results.json").read_text())["results"]["vanilla"]
+    assert len(vanilla["correct"]) == 6 and vanilla["metrics"]["scorer"] == "alt-profanity-check"
+    assert vanilla["accuracy"] <= vanilla["metrics"]["detox_rate"]  # the fluency guard only removes prompts

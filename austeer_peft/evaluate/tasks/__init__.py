@@ -1,9 +1,10 @@
-"""Evaluation tasks: the paper's data sets (COPA, BoolQ, WinoGrande, SST-2, SVAMP, MAWPS) and user data, loaded into
-one uniform :class:`Task` with deterministic ``fit`` / ``validation`` / ``test`` splits.
+"""Evaluation tasks: the paper's data sets (COPA, BoolQ, WinoGrande, SST-2, SVAMP, MAWPS, RealToxicityPrompts) and
+user data, loaded into one uniform :class:`Task` with deterministic ``fit`` / ``validation`` / ``test`` splits.
 
 Every split is a ``datasets.Dataset`` with a ``prompt`` column (the filled template) and either
-``choices`` + ``label`` (choice tasks: ``label`` indexes ``choices``) or ``answer`` (generation tasks: a float), so
-the fit, the hyper-parameter sweep and the scoring never need to know which data set they run on.
+``choices`` + ``label`` (choice tasks: ``label`` indexes ``choices``) or ``answer`` (generation tasks: a float), or,
+for the open-generation task ``detox``, prompts to continue (and ``chosen`` / ``rejected`` in its fit split), so the
+fit, the hyper-parameter sweep and the scoring never need to know which data set they run on.
 
 This package holds one module per data set, the shared :class:`Task` type and splitting (``base``), the number-answer
 helpers (``generation``) and user data (``user``); this file is the registry. Adding a data set is one module with a
@@ -22,6 +23,8 @@ sst2        500 sampled from train.tsv                   200 more from train.tsv
 svamp       500 of the first 700 of a seeded             200 of that same 700 (disjoint)      the other 300
             permutation of SVAMP.json                                                         (as the paper's Table 6)
 mawps       1000 of fold0_train.csv                      200 of fold0_train.csv (disjoint)    fold0_dev.csv, 384
+detox       454 pairs of nontoxic.jsonl (RealToxicity-   200 of a seeded permutation of       the other 996 of it
+            Prompts; see ``detox``)                      toxic.jsonl (challenging prompts)
 ==========  ==========================================  ===================================  =========================
 
 Within a held-out pool the validation examples come first in the permutation and the fit examples after them, so
@@ -45,6 +48,7 @@ from .base import (
 )
 from .boolq import BOOLQ_CHOICES, BOOLQ_TEMPLATE, load_boolq
 from .copa import COPA_CHOICES, COPA_TEMPLATE, load_copa
+from .detox import DetoxSettings, load_detox
 from .generation import MATH_TEMPLATE, format_number
 from .mawps import load_mawps, unmask_numbers
 from .sst2 import SST2_CHOICES, SST2_TEMPLATE, load_sst2
@@ -63,7 +67,9 @@ TASK_LOADERS: dict[str, TaskLoader] = {
     "svamp": load_svamp,
     "mawps": load_mawps,
     "winogrande": load_winogrande,
+    "detox": load_detox,
 }
+TASK_ALIASES = {"realtoxicityprompts": "detox", "rtp": "detox"}
 TASK_NAMES = tuple(TASK_LOADERS)
 
 
@@ -80,6 +86,7 @@ def load_task(name: str, data_dir: Optional[PathLike] = None, n_fit: Optional[in
         ```
     """
     key = name.lower().replace("-", "").replace("_", "")
+    key = TASK_ALIASES.get(key, key)
     if key not in TASK_LOADERS:
         raise ValueError(f"Unknown task {name!r}; expected one of {', '.join(TASK_NAMES)} (or use load_user_task).")
     return TASK_LOADERS[key](data_dir=data_dir, n_fit=n_fit, n_validation=n_validation, seed=seed)
@@ -92,6 +99,7 @@ __all__ = [
     "COPA_TEMPLATE",
     "ContrastivePair",
     "DATA_ENV_VAR",
+    "DetoxSettings",
     "DEFAULT_N_VALIDATION",
     "MATH_TEMPLATE",
     "SST2_CHOICES",
@@ -108,6 +116,7 @@ __all__ = [
     "load_copa",
     "load_hub_splits",
     "load_hub_task",
+    "load_detox",
     "load_mawps",
     "load_sst2",
     "load_svamp",

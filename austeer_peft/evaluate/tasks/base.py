@@ -25,6 +25,7 @@ DEFAULT_N_VALIDATION = 200  # the selection rule needs hundreds of examples to t
 PACKAGE_PARENT = Path(__file__).resolve().parents[3]
 
 PathLike = Union[str, os.PathLike]
+TASK_KINDS = ("choice", "generation", "open")
 
 
 class ContrastivePair(NamedTuple):
@@ -53,8 +54,10 @@ class Task:
 
     Args:
         name: task name (``"copa"``, ``"boolq"``, ... or a user name).
-        kind: ``"choice"`` (rows have ``choices`` and ``label``) or ``"generation"`` (rows have ``answer``, a float,
-            and ``answer_text`` / ``wrong_answer_text``, the continuations of its contrastive pair).
+        kind: ``"choice"`` (rows have ``choices`` and ``label``), ``"generation"`` (rows have ``answer``, a float,
+            and ``answer_text`` / ``wrong_answer_text``, the continuations of its contrastive pair) or ``"open"``
+            (open-ended continuations scored by a classifier, e.g. detoxification: fit rows have ``chosen`` /
+            ``rejected``, validation and test rows are prompts; ``metadata`` says how they are scored).
         fit: examples the steering is fitted on (contrastive pairs are built from them).
         validation: a small disjoint split for picking ``k`` and ``alpha``.
         test: the split reported.
@@ -76,8 +79,8 @@ class Task:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.kind not in ("choice", "generation"):
-            raise ValueError(f"Task kind must be 'choice' or 'generation', got {self.kind!r}.")
+        if self.kind not in TASK_KINDS:
+            raise ValueError(f"Task kind must be one of {', '.join(TASK_KINDS)}, got {self.kind!r}.")
 
     def split(self, name: str) -> Dataset:
         """The split called ``name`` (``"fit"``, ``"validation"`` or ``"test"``; ``"train"`` means ``"fit"``)."""
@@ -105,6 +108,11 @@ class Task:
         if self.kind == "generation":
             return [ContrastivePair(row["prompt"], " " + row["answer_text"], " " + row["wrong_answer_text"])
                     for row in data]
+        if self.kind == "open":
+            if not {"chosen", "rejected"} <= set(data.column_names):
+                raise ValueError(f"The {split} split of the open-generation task {self.name} holds prompts to "
+                                 "continue, not pairs; pairs come from its fit split.")
+            return [ContrastivePair(row["prompt"], row["chosen"], row["rejected"]) for row in data]
         triples = pairs_from_choices(data["prompt"], data["choices"], data["label"], seed=self.seed,
                                      draw="per_example")
         return [ContrastivePair(*triple) for triple in triples]
