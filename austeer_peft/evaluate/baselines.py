@@ -87,8 +87,9 @@ def caa_vectors(model: nn.Module, tokenizer: Any, pairs: Any, *, batch_size: int
     return CAAVectors(sums / num_pairs, num_pairs)
 
 
-# Hook-based steering (CAA, ITI, the fixed-vector ablation) is invisible to PEFT's disable_adapter; a pass that must see the unsteered model while such
-# a steer is active (the detox task's fluency, measured under the unsteered model) pauses it with `hooks_paused()`.
+# Hook-based steering (CAA, ITI, the fixed-vector ablation) is invisible to PEFT's disable_adapter; a pass that must
+# see the unsteered model while such a steer is active (the detox task's fluency, measured under the unsteered model)
+# pauses it with `hooks_paused()`.
 _HOOKS_PAUSED = contextvars.ContextVar("austeer_steering_hooks_paused", default=False)
 
 
