@@ -149,8 +149,11 @@ class AUSteerLayer(nn.Module, BaseTunerLayer):
             self._plan = None
             return
         device = device or steers[0].gamma.device
-        if device.type == "meta":  # AUs placed where nothing is computed (a test of offloading): no values yet;
-            # a forward on a real device prepares the factors there, or fails loudly moving meta values
+        weight = next(self.base_layer.parameters(), None)
+        if device.type == "meta" or (weight is not None and weight.device.type == "meta"):
+            # AUs placed where nothing is computed (offloaded weights, a model built on the meta device): the dense
+            # vectors (k modules x width) wait for a forward on a real device, which prepares them there (or fails
+            # loudly moving meta values), so attaching and loading adapters on a 70B model stays O(k) in memory
             self._plan = Plan((), tuple(steers), dtype or torch.float32, device)
             return
         if self._experts_axis is not None:  # the factors scale down_proj's columns, in float32
