@@ -87,15 +87,15 @@ def gguf_source(model: PathLike) -> Path:
     return path
 
 
-def load_gguf_model(path: PathLike, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) loaded by transformers from a GGUF file, dequantized, in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+def load_gguf_model(path: PathLike):
+    """The model of a GGUF file as transformers loads it: dequantized to float32, in eval mode. A merge needs
+    exactly these weights (it checks each touched tensor against them)."""
+    from transformers import AutoModelForCausalLM, GgufConfig
 
     path = Path(path)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
                                                  quantization_config=GgufConfig(dequantize=True))
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return model.eval(), tokenizer
+    return model.eval()
 
 
 def merge_to_gguf(model: PathLike, adapter: PathLike, output_path: PathLike, *,
@@ -112,7 +112,7 @@ def merge_to_gguf(model: PathLike, adapter: PathLike, output_path: PathLike, *,
     from peft import PeftModel
 
     source = gguf_source(model)
-    base, _ = load_gguf_model(source)
+    base = load_gguf_model(source)
     kwargs = {"adapter_name": adapter_name} if adapter_name else {}
     peft_model = PeftModel.from_pretrained(base, str(adapter), **kwargs)
     return write_merged_gguf(peft_model, source, output_path, adapter_name=adapter_name)
