@@ -59,7 +59,8 @@ def run_merge_gguf(args: argparse.Namespace) -> int:
         print(f"{len(result.type_changes)} tensors changed type: the gguf package cannot encode their source type.")
     else:
         print("No tensor changed type.")
-    print(f"Run it with llama.cpp: llama-cli -m {result.output}   (or `ollama create` with FROM {result.output})")
+    print(f"Run it with llama.cpp (llama-cli -m {result.output}), Ollama (a Modelfile `FROM {result.output}`, then "
+          "`ollama create`) or LM Studio (import the file).")
     return 0
 
 
