@@ -77,6 +77,8 @@ def main() -> None:
     parser.add_argument("--n-fit", type=int, default=200)
     parser.add_argument("--n-prompts", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--stage", choices=["all", "transformers", "llama"], default="all",
+                        help="llama: only the llama.cpp comparison, on the files and results of an earlier run")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "gguf-runs")
     parser.add_argument("--scratch", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "austeer-bench-gguf")
     args = parser.parse_args()
@@ -123,7 +125,7 @@ def main() -> None:
     model = None
     vanilla = last_logits(base, ids_list).numpy()
     results["transformers_vanilla"] = summary(vanilla)
-    for site in SITES:
+    for site in SITES if args.stage != "llama" else ():
         entry = results.setdefault("sites", {}).setdefault(site, {})
         adapter_dir, merged_path = scratch / f"adapter-{site}", scratch / f"merged-{site}.gguf"
         if not (adapter_dir / site / "adapter_config.json").exists():
@@ -142,6 +144,7 @@ def main() -> None:
         t0 = time.perf_counter()
         merge = write_merged_gguf(model, source, merged_path, adapter_name=site)
         entry["merge_seconds"] = time.perf_counter() - t0
+        entry["file_bytes"], results["source_bytes"] = merged_path.stat().st_size, source.stat().st_size
         entry["tensors"] = [vars(change) for change in merge.changes]
         entry["type_changes"] = [f"{c.name}: {c.source_type} -> {c.written_type}" for c in merge.type_changes]
         entry["relative_weight_error_max"] = max(c.max_error / c.max_abs for c in merge.changes)
@@ -156,6 +159,8 @@ def main() -> None:
         save()
         print(f"{args.model} {site}: transformers done ({time.perf_counter() - started:.0f} s)", flush=True)
 
+    if args.stage == "transformers":
+        return
     try:
         import llama_cpp
     except ImportError:

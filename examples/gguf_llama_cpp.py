@@ -7,9 +7,10 @@ adapter into a copy of the model's GGUF file (untouched tensors and all metadata
    the `ffn` site of SmolLM2-135M-Instruct (Q4_1 GGUF), and saves it;
 2. runs `austeer merge --model smollm2-135m --adapter ADAPTER --gguf steered.gguf` (printing which tensors it
    re-encoded);
-3. asks llama.cpp (llama-cpp-python) for the greedy one-token answer of the original and the merged file on SST-2 test
-   reviews, with llama.cpp's own tokenizer, and prints the reviews where the answers differ. The steer was fitted
-   towards the correct answer, so a change in the steered direction is one from the wrong answer to the right one.
+3. asks llama.cpp (llama-cpp-python, with its own tokenizer) for the answer (" negative" or " positive": the one with
+   the larger next-token logit) of the original and the merged file on SST-2 test reviews, and prints the reviews
+   whose answer the merge changed, next to the answers of the unmerged adapter in transformers. A change in the
+   steered direction is one to the answer the AUSteer-steered model gives.
 
     pip install "llama-cpp-python==0.3.36"           # builds llama.cpp from source (see `make test-llama-cpp`)
     python examples/gguf_llama_cpp.py                # about a minute or two on a free CPU
@@ -24,6 +25,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import torch
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
@@ -71,27 +73,46 @@ print("   " + done.stdout.strip().replace("\n", "\n   "))
 if done.returncode != 0:
     sys.exit(done.stderr[-2000:])
 
-# 3. Both files in llama.cpp: greedy one-token answers.
+# 3. The answers (" negative" or " positive", whichever has the larger next-token logit) of the steered and unsteered
+# model in transformers, and of both files in llama.cpp, with llama.cpp's own tokenizer.
 test = task.test.select(range(args.n_test))
+model = fitted.peft_model
+choice_ids = [tokenizer(choice, add_special_tokens=False).input_ids[0] for choice in task.choices]
 
 
-def answers(path: Path) -> list[str]:
-    llm = Llama(model_path=str(path), n_ctx=512, n_threads=2, verbose=False)
-    return [llm(prompt, max_tokens=1, temperature=0.0)["choices"][0]["text"] for prompt in test["prompt"]]
+def transformers_answers() -> list[str]:
+    with torch.inference_mode():
+        rows = [model(**tokenizer(prompt, return_tensors="pt"), logits_to_keep=1).logits[0, -1]
+                for prompt in test["prompt"]]
+    return [task.choices[int(row[choice_ids[1]] > row[choice_ids[0]])] for row in rows]
 
 
-plain, steered = answers(source), answers(steered_path)
+def llama_cpp_answers(path: Path) -> list[str]:
+    llm = Llama(model_path=str(path), n_ctx=512, n_threads=2, logits_all=True, verbose=False)
+    ids = [llm.tokenize(choice.encode(), add_bos=False)[0] for choice in task.choices]
+    found = []
+    for prompt in test["prompt"]:
+        llm.reset()
+        llm.eval(llm.tokenize(prompt.encode()))
+        logits = llm.scores[llm.n_tokens - 1]
+        found.append(task.choices[int(logits[ids[1]] > logits[ids[0]])])
+    return found
+
+
+steered_hf = transformers_answers()
+with model.disable_adapter():
+    plain_hf = transformers_answers()
+plain, steered = llama_cpp_answers(source), llama_cpp_answers(steered_path)
 towards = away = 0
-print(f"3. llama.cpp, greedy answer of {source.name} vs {steered_path.name} on {args.n_test} SST-2 test reviews:")
-for prompt, label, before, after in zip(test["prompt"], test["label"], plain, steered):
+print(f"3. llama.cpp answers of {source.name} -> {steered_path.name} on {args.n_test} SST-2 test reviews that changed "
+      "(and the AUSteer adapter's answer in transformers):")
+for prompt, before, after, hf_before, hf_after in zip(test["prompt"], plain, steered, plain_hf, steered_hf):
     if before == after:
         continue
-    correct = task.choices[label]
-    towards += after == correct
-    away += before == correct
+    towards += after == hf_after
+    away += after != hf_after
     review = prompt.split("\n")[0][len("Review: "):]
-    print(f"   {review[:70]!r}: {before!r} -> {after!r} (correct: {correct!r})")
-accuracy_before = sum(a == task.choices[y] for a, y in zip(plain, test["label"])) / args.n_test
-accuracy_after = sum(a == task.choices[y] for a, y in zip(steered, test["label"])) / args.n_test
-print(f"   {sum(a != b for a, b in zip(plain, steered))} answers changed: {towards} to the correct answer (the steered "
-      f"direction), {away} away from it; accuracy {accuracy_before:.0%} -> {accuracy_after:.0%}.")
+    print(f"   {review[:60]!r}: {before!r} -> {after!r}   (transformers: {hf_before!r} -> {hf_after!r})")
+changed_hf = sum(a != b for a, b in zip(plain_hf, steered_hf))
+print(f"   llama.cpp: {towards + away} answers changed, {towards} to the steered model's answer (the steered "
+      f"direction), {away} to the other; transformers: the steer changes {changed_hf} answers.")

@@ -168,7 +168,10 @@ def write_merged_gguf(peft_model, source: PathLike, output_path: PathLike, *,
 # ---------------------------------------------------------------------------------------------------- factors
 
 
-def _weight_factors(peft_model, adapter_name: Optional[str]) -> dict[str, tuple[nn.Parameter, torch.Tensor, torch.Tensor]]:
+Factors = dict[str, tuple[nn.Parameter, torch.Tensor, torch.Tensor]]
+
+
+def _weight_factors(peft_model, adapter_name: Optional[str]) -> Factors:
     """Parameter name -> (parameter, row factors [out], column factors [in]) of every weight and bias the adapter
     scales; a bias gets its factors as rows, [out], with a column factor of [1]."""
     tuner = austeer_tuner(peft_model)
@@ -180,7 +183,7 @@ def _weight_factors(peft_model, adapter_name: Optional[str]) -> dict[str, tuple[
         raise ValueError(f"Adapter {adapter_name!r} has scope={scope!r}: it steers only some token positions, which "
                          "no change of the weights reproduces. Only scope='all' adapters can be merged into a GGUF.")
     names_of = {id(unwrap(module)): name for name, module in base_named_modules(tuner.model).items()}
-    factors: dict[str, tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = {}
+    factors: Factors = {}
 
     def scale(owner: nn.Module, name: str, axis: int, index: torch.Tensor, factor: torch.Tensor) -> None:
         parameter = getattr(owner, name)
@@ -210,7 +213,7 @@ def _weight_factors(peft_model, adapter_name: Optional[str]) -> dict[str, tuple[
     return factors
 
 
-def _gguf_names(reader, arch: str, factors) -> dict[str, tuple[nn.Parameter, torch.Tensor, torch.Tensor]]:
+def _gguf_names(reader, arch: str, factors: Factors) -> Factors:
     """GGUF tensor name -> the factors of the transformers parameter it stores, through gguf's tensor name map."""
     import gguf
 

@@ -74,6 +74,6 @@ def test_example_fit_merge_and_answer_in_llama_cpp(tmp_path):
                           capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     last = done.stdout.splitlines()[-1]
-    changed, towards, away = (int(last.split(word)[0].split()[-1]) for word in (" answers changed", " to the correct",
-                                                                                " away from"))
+    changed, towards, away = (int(last.split(word)[0].split()[-1]) for word in (" answers changed", " to the steered",
+                                                                                " to the other"))
     assert changed > 0 and towards > away, done.stdout
