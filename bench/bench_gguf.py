@@ -77,6 +77,7 @@ def main() -> None:
     parser.add_argument("--n-fit", type=int, default=200)
     parser.add_argument("--n-prompts", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--sites", nargs="+", choices=SITES, default=list(SITES))
     parser.add_argument("--stage", choices=["all", "transformers", "llama"], default="all",
                         help="llama: only the llama.cpp comparison, on the files and results of an earlier run")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "gguf-runs")
@@ -125,7 +126,7 @@ def main() -> None:
     model = None
     vanilla = last_logits(base, ids_list).numpy()
     results["transformers_vanilla"] = summary(vanilla)
-    for site in SITES if args.stage != "llama" else ():
+    for site in args.sites if args.stage != "llama" else ():
         entry = results.setdefault("sites", {}).setdefault(site, {})
         adapter_dir, merged_path = scratch / f"adapter-{site}", scratch / f"merged-{site}.gguf"
         if not (adapter_dir / site / "adapter_config.json").exists():
@@ -170,7 +171,7 @@ def main() -> None:
     original = llama_cpp_logits(source, ids_list, args.threads)
     results["llama_cpp_original"] = summary(original)
     results["llama_cpp_vs_transformers_vanilla_max_abs_logit"] = float(np.abs(original - vanilla).max())
-    for site in SITES:
+    for site in [site for site in args.sites if site in results.get("sites", {})]:
         entry = results["sites"][site]
         merged = llama_cpp_logits(scratch / f"merged-{site}.gguf", ids_list, args.threads)
         steered_shift = np.array(entry["steered_shift"])
