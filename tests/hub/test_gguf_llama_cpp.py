@@ -65,8 +65,8 @@ def test_steering_effect_in_llama_cpp_follows_transformers(tmp_path, site):
     shift_llama = (answer_margins_llama_cpp(tmp_path / "steered.gguf", ids_list, answer_ids)
                    - answer_margins_llama_cpp(source, ids_list, answer_ids))
     assert np.abs(shift_llama).mean() > 0.5 * np.abs(shift_transformers).mean()
-    assert np.corrcoef(shift_transformers, shift_llama)[0, 1] > 0.8
-    assert np.mean(np.sign(shift_transformers) == np.sign(shift_llama)) >= 0.8
+    assert np.corrcoef(shift_transformers, shift_llama)[0, 1] > 0.9
+    assert np.mean(np.sign(shift_transformers) == np.sign(shift_llama)) >= 0.75
 
 
 def test_example_fit_merge_and_answer_in_llama_cpp(tmp_path):
