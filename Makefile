@@ -21,9 +21,15 @@ install: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
+# Merged GGUF files in llama.cpp itself (issue 21): builds llama-cpp-python 0.3.36 from its sdist once (slow: see
+# bench/RESULTS.md, "Merged GGUF (issue 21)"), then runs the tests marked llama_cpp.
+test-llama-cpp: $(VENV)/.installed
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install -q -e ".[llama-cpp]"
+	$(PY) -m pytest -q -m llama_cpp
+
 # The main job on the embedded default model: AUSteer (attention, ffn) vs vanilla, block-level and CAA on SST-2.
 demo: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) -m austeer_peft.cli sweep --task sst2 --n-fit 300 --n-validation 200 --n-test 500 \
 		--output demo-output --force
 
-.PHONY: install test demo
+.PHONY: install test test-llama-cpp demo

@@ -12,6 +12,7 @@ from .hub.cards import adapter_card
 from .hub.facts import attach_card_info, package_version
 from .hub.export import merge_and_save, push_to_hub, save_adapter, save_merged, to_ia3
 from .hub.lora import to_lora
+from .hub.gguf import merge_to_gguf
 from .fitting.fit import FitResult, compute_momentum, fit_austeer
 from .fitting.scores import MomentumScores
 from .fitting.pairs import as_text_pairs, pairs_from_answer_pool, pairs_from_choices
@@ -25,4 +26,5 @@ __all__ = [
 __all__ += ["adapter_card", "attach_card_info", "merge_and_save", "push_to_hub", "save_adapter", "save_merged",
             "to_ia3", "to_lora"]
 __all__ += ["compare_methods", "sweep_k_alpha"]
+__all__ += ["merge_to_gguf"]
 __version__ = package_version()  # one source: pyproject.toml
