@@ -89,6 +89,3 @@ def test_your_data_example_sweeps_two_files_with_per_row_choices(tmp_path, capsy
     _check_your_data_run(*_your_data_example(tmp_path, str(tiny_checkpoint(tmp_path / "model")), capsys))
 
 
-@pytest.mark.real
-def test_your_data_example_with_smollm2(tmp_path, capsys):
-    _check_your_data_run(*_your_data_example(tmp_path, "smollm2-135m", capsys))
