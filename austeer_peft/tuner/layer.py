@@ -148,13 +148,14 @@ class AUSteerLayer(nn.Module, BaseTunerLayer):
         if not steers:
             self._plan = None
             return
-        device = device or steers[0].gamma.device
         weight = next(self.base_layer.parameters(), None)
-        if device.type == "meta" or (weight is not None and weight.device.type == "meta"):
+        waits = device is None and weight is not None and weight.device.type == "meta"
+        device = device or steers[0].gamma.device
+        if device.type == "meta" or waits:
             # AUs placed where nothing is computed (offloaded weights, a model built on the meta device): the dense
             # vectors (k modules x width) wait for a forward on a real device, which prepares them there (or fails
             # loudly moving meta values), so attaching and loading adapters on a 70B model stays O(k) in memory
-            self._plan = Plan((), tuple(steers), dtype or torch.float32, device)
+            self._plan = Plan((), tuple(steers), dtype or torch.float32, torch.device("meta"))  # never a forward's
             return
         if self._experts_axis is not None:  # the factors scale down_proj's columns, in float32
             self._plan = build_plan(steers, self.candidate.width, torch.float32, device, self._experts_shape())
