@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..evaluate.runner import evaluate_split
+from ..evaluate.tasks.base import CHAT_TEMPLATE_CARD_LINE
 from ..fitting.fit import fit_austeer
 from ..fitting.inputs import unsteered
 from ..fitting.selection import Candidate, Selection, guarded_choice
@@ -35,9 +36,6 @@ from .arguments import (
     staged_output,
 )
 from .command import Command
-
-CHAT_TEMPLATE_CARD_LINE = ("fitted and evaluated with each prompt wrapped in the base model's chat template (one user "
-                           "turn, then the assistant's turn); use the same at inference.")
 
 
 def add_fit_arguments(parser: argparse.ArgumentParser) -> None:

@@ -22,6 +22,7 @@ from .baselines import added_vectors
 from .runner import SplitResult, evaluate_split
 from .sweep import SweepCell, SweepResult, select_cell
 from .tasks import Task
+from .tasks.base import CHAT_TEMPLATE_CARD_LINE
 
 Vectors = dict[str, tuple[str, torch.Tensor]]  # module -> (side, vector [width]), see baselines.added_vectors
 
@@ -66,7 +67,8 @@ def adapter_bytes(peft_model, adapter_name: str, output: Optional[Path], task: T
     its test score next to the plain model's, or into a temporary folder."""
     attach_card_info(peft_model, adapter_name=adapter_name, eval_results=[{
         "task": task.name, "metric": f"accuracy ({test.scoring})", "value": test.accuracy,
-        "baseline": vanilla_test.accuracy, "split": "test"}])
+        "baseline": vanilla_test.accuracy, "split": "test"}],
+        prompt_format=CHAT_TEMPLATE_CARD_LINE if task.metadata.get("chat_template") else None)
     with tempfile.TemporaryDirectory() as scratch:
         folder = output / "adapters" / adapter_name if output is not None else Path(scratch)
         save_adapter_folder(peft_model, adapter_name, folder)

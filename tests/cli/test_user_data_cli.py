@@ -78,6 +78,15 @@ def test_fit_on_two_files_with_per_row_choices_and_the_chat_template(tmp_path, t
     assert "Prompts: fitted and evaluated" in str(adapter_card_from_folder(out / "adapter"))
 
 
+def test_sweep_adapter_cards_say_the_prompts_were_chat_templated(tmp_path, two_files, one_thread):
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--model", str(tiny_checkpoint(tmp_path / "model")), *user_args(*two_files),
+                 "--n-validation", "8", "--sites", "ffn", "--ks", "2", "--alphas", "5", "--baselines",
+                 "--selection", "most-accurate", "--chat-template", "--batch-size", "8", "--output", str(out)]) == 0
+    card = (out / "adapters" / "austeer_ffn" / "README.md").read_text()  # most-accurate: the one cell ships
+    assert "Prompts: fitted and evaluated with each prompt wrapped in the base model's chat template" in card
+
+
 @pytest.mark.parametrize("arguments, expected", [
     (["--k", "0"], "--k 0: `k` must be a positive integer"),
     (["--alpha", "nan"], "--alpha nan: `alpha` must be a finite number > 0"),

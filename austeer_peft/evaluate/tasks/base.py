@@ -214,6 +214,11 @@ def sizes_or_defaults(n_fit: Optional[int], n_validation: Optional[int], default
 CHAT_TEMPLATE_NOTE = "Prompts wrapped in the tokenizer's chat template (one user turn, then the assistant's turn)."
 
 
+# What the card of an adapter chosen on chat-templated prompts says (fit's and each of sweep's adapters).
+CHAT_TEMPLATE_CARD_LINE = ("fitted and evaluated with each prompt wrapped in the base model's chat template (one user "
+                           "turn, then the assistant's turn); use the same at inference.")
+
+
 def apply_chat_template(task: Task, tokenizer: Any) -> Task:
     """The task with every prompt wrapped as one user turn in ``tokenizer``'s chat template, ending where the
     assistant's answer begins (instruct models answer differently inside it); choices and answers stay the
