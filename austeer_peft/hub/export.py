@@ -216,9 +216,7 @@ def to_ia3(peft_model, output_dir: PathLike, adapter_name: Optional[str] = None)
         output_dir: folder for ``adapter_config.json``, ``adapter_model.safetensors`` and ``README.md``.
         adapter_name: the adapter to export (default: the active one).
     """
-    from huggingface_hub import ModelCard, ModelCardData
     from peft import IA3Config
-    from safetensors.torch import save_file
 
     tuner = austeer_tuner(peft_model)
     adapter_name = adapter_name or peft_model.active_adapters[0]
@@ -272,16 +270,26 @@ def to_ia3(peft_model, output_dir: PathLike, adapter_name: Optional[str] = None)
         shape = (1, -1) if feedforward[name] else (-1, 1)  # IA3Layer: [1, in] for input scaling, [out, 1] for output
         weights[f"base_model.model.{name}.ia3_l"] = vector.reshape(shape).contiguous()
 
+    return write_stock_adapter(output_dir, config_dict, weights, config.base_model_name_or_path, IA3_TAGS, _IA3_CARD,
+                               n_modules=len(vectors), n_aus=len(peft_model.get_aus(adapter_name)))
+
+
+def write_stock_adapter(output_dir: PathLike, config_dict: dict, weights: dict[str, torch.Tensor],
+                        base_model_name_or_path: Optional[str], tags: list[str], card_template: str,
+                        **card_values) -> Path:
+    """Write an adapter of a stock PEFT method (the IA3 and LoRA exports): its config, its weights, and a short card
+    whose ``base_model`` is the base's Hub id when it has one (a local path would mislead the Hub)."""
+    from huggingface_hub import ModelCard, ModelCardData
+    from safetensors.torch import save_file
+
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / ADAPTER_CONFIG_NAME).write_text(json.dumps(config_dict, indent=2, sort_keys=True))
     save_file(weights, str(output_dir / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-    base = config.base_model_name_or_path
+    base = base_model_name_or_path
     hub_base = base if base and HUB_REPO_ID.match(base) and not os.path.exists(base) else None
-    card_data = ModelCardData(library_name="peft", tags=IA3_TAGS, base_model=hub_base)
-    n_aus = len(peft_model.get_aus(adapter_name))
-    ModelCard.from_template(card_data, template_str=_IA3_CARD, n_modules=len(vectors), n_aus=n_aus).save(
-        output_dir / CARD_NAME)
+    card_data = ModelCardData(library_name="peft", tags=tags, base_model=hub_base)
+    ModelCard.from_template(card_data, template_str=card_template, **card_values).save(output_dir / CARD_NAME)
     return output_dir
 
 

@@ -18,7 +18,6 @@ on that model the LoRA adds exactly what steering adds, where merging would re-q
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -31,8 +30,8 @@ from transformers.pytorch_utils import Conv1D
 
 from ..tuner.bnb import dequantized_4bit, quantization_kind
 from ..tuner.sites import base_named_modules, candidate_modules, merge_slices, unwrap
-from .cards import HUB_REPO_ID
-from .facts import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, CARD_NAME, austeer_tuner
+from .export import write_stock_adapter
+from .facts import austeer_tuner
 
 PathLike = Union[str, os.PathLike]
 LORA_TAGS = ["lora", "austeer", "activation-steering", "peft"]
@@ -142,9 +141,10 @@ def to_lora(peft_model, output_dir: PathLike, adapter_name: Optional[str] = None
         base_model = tuner.model
         config_dict["auto_mapping"] = {"base_model_class": type(base_model).__name__,
                                        "parent_library": type(base_model).__module__}
-    _write(output_dir, config_dict, _state_dict(updates, fused, lora_bias), config,
-           n_aus=len(peft_model.get_aus(adapter_name)), ranks=ranks)
-    return Path(output_dir)
+    return write_stock_adapter(output_dir, config_dict, _state_dict(updates, fused, lora_bias),
+                               config.base_model_name_or_path, LORA_TAGS, _LORA_CARD,
+                               n_aus=len(peft_model.get_aus(adapter_name)), n_modules=len(ranks),
+                               largest=max(ranks.values()), uniform=len(set(ranks.values())) == 1)
 
 
 def lora_updates(peft_model, adapter_name: str) -> dict[str, LoraUpdate]:
@@ -297,23 +297,6 @@ def _state_dict(updates: dict[str, LoraUpdate], fused: list[str], lora_bias: boo
                 bias = update.bias if update.bias is not None else torch.zeros(out_features)
                 state[f"{prefix}.lora_B.bias"] = bias
     return {key: value.contiguous() for key, value in state.items()}
-
-
-def _write(output_dir: PathLike, config_dict: dict, state: dict[str, torch.Tensor], config, *, n_aus: int,
-           ranks: dict[str, int]) -> None:
-    from huggingface_hub import ModelCard, ModelCardData
-    from safetensors.torch import save_file
-
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / ADAPTER_CONFIG_NAME).write_text(json.dumps(config_dict, indent=2, sort_keys=True))
-    save_file(state, str(output_dir / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-    base = config.base_model_name_or_path
-    hub_base = base if base and HUB_REPO_ID.match(base) and not os.path.exists(base) else None
-    card_data = ModelCardData(library_name="peft", tags=LORA_TAGS, base_model=hub_base)
-    ModelCard.from_template(card_data, template_str=_LORA_CARD, n_aus=n_aus, n_modules=len(ranks),
-                            largest=max(ranks.values()), uniform=len(set(ranks.values())) == 1).save(
-        output_dir / CARD_NAME)
 
 
 _LORA_CARD = """---
