@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> dict:
 
     comparison = compare_methods(model, tokenizer, task, sites=args.sites, ks=args.ks, alphas=args.alphas,
                                  baselines=args.baselines, caa_multipliers=args.caa_multipliers, batch_size=args.batch_size,
-                                 progress=False, on_result=write)
+                                 progress=False,
+                                 on_method=lambda so_far: write(so_far.methods[-1]))
     result["table"] = comparison.format_table()
     result["sweep_cells"] = [{"method": s.method, "cells": [[c.k, c.alpha, c.num_aus, round(100 * c.accuracy, 2)]
                                                             for c in s.cells]} for s in comparison.sweeps]

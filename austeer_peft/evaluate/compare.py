@@ -160,7 +160,6 @@ def compare_methods(
     selection: str = "guarded",
     seed: int = 0,
     on_method: Optional[Callable[["Comparison"], None]] = None,
-    on_result: Optional[Callable[[MethodResult], None]] = None,
 ) -> Comparison:
     """Fit, sweep on ``task.validation``, test once on ``task.test``: vanilla, AUSteer per site, then baselines
     (any of :data:`BASELINES`: ``block``, ``caa``, ``iti``, ``sadi``, and the ablations ``random``, ``mean-diff``,
@@ -168,8 +167,8 @@ def compare_methods(
 
     ``selection="most-accurate"`` ships every method's most accurate cell unchecked (the rule before the guarded one;
     for comparisons). ``scope``: ``"all"`` steers every token, ``"generated"`` from the last prompt token on.
-    ``on_method`` is called with the comparison so far after each method (e.g. to write partial results);
-    ``on_result`` with each method's row as soon as it is scored.
+    ``on_method`` is called with the comparison so far after each method, vanilla included (e.g. to write partial
+    results; its last row is the method just scored).
     ``model`` is a plain transformers model; it comes back wrapped (a PeftModel holding one adapter per AUSteer-based
     method), as with ``get_peft_model``.
     """
@@ -194,8 +193,6 @@ def compare_methods(
 
     vanilla_validation, vanilla_test = evaluate(model, "validation"), evaluate(model, "test")
     methods = [MethodResult("vanilla", 0, vanilla_test, 0, 0.0, vanilla_validation.accuracy)]
-    report = on_result or (lambda result: None)
-    report(methods[0])
     sweeps: list[SweepResult] = []
 
     def comparison() -> Comparison:
@@ -204,9 +201,11 @@ def compare_methods(
 
     def add(row: MethodResult) -> None:
         methods.append(row)
-        report(row)
         if on_method is not None:
             on_method(comparison())
+
+    if on_method is not None:
+        on_method(comparison())  # the vanilla row
 
     # AUSteer: one momentum pass over all sites, one sweep per site.
     fit_started = time.perf_counter()

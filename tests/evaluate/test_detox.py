@@ -220,7 +220,8 @@ def test_compare_methods_on_detox_reports_text_quality_as_it_goes():
     task = tiny_detox_task(lambda texts: [0.9 if "e" in t else 0.1 for t in texts], fluency_factor=math.inf)
     reported = []
     comparison = compare_methods(model, tokenizer, task, ks=[1, 4], alphas=[10.0], caa_multipliers=[4.0],
-                                 batch_size=4, progress=False, on_result=lambda result: reported.append(result.method))
+                                 batch_size=4, progress=False,
+                                 on_method=lambda so_far: reported.append(so_far.methods[-1].method))
     assert reported == [m.method for m in comparison.methods] == \
         ["vanilla", "AUSteer-attention", "AUSteer-ffn", "block-level", "CAA"]
     rows = comparison.table()
