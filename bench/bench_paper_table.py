@@ -38,7 +38,9 @@ def run(args: argparse.Namespace) -> None:
     from austeer_peft.hub.models import load_model
 
     started, load = start_benchmark(args.threads)
-    model, tokenizer = load_model(args.model)
+    import torch
+
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
     task = load_task(args.task, n_fit=args.n_fit, n_validation=args.n_validation)
     if args.n_test is not None and args.n_test < len(task.test):
         task.test = task.test.select(range(args.n_test))
@@ -48,7 +50,7 @@ def run(args: argparse.Namespace) -> None:
     grid = GRIDS[args.grid]
 
     def write(comparison) -> None:
-        record = {"model": args.model, "task": args.task, "sizes": task.sizes, "split_note": task.split_note,
+        record = {"model": args.model, "dtype": args.dtype, "task": args.task, "sizes": task.sizes, "split_note": task.split_note,
                   "scoring": comparison.scoring, "scope": comparison.scope,
                   "grid": {key: list(values) for key, values in grid.items()},
                   "threads": args.threads, "load_average_at_start": load,
@@ -74,7 +76,7 @@ def summary(paths: list[str]) -> None:
         record = json.loads(Path(path).read_text())
         sizes = record["sizes"]
         state = "" if record["finished"] else " — **unfinished run: the methods below are those it had measured**"
-        print(f"\n**{record['model']}, {record['task']}** (fit {sizes['fit']} / validation {sizes['validation']} / "
+        print(f"\n**{record['model']} ({record.get('dtype', 'float32')}), {record['task']}** (fit {sizes['fit']} / validation {sizes['validation']} / "
               f"test {sizes['test']}; scoring {record['scoring']}, scope {record['scope']}; "
               f"{record['seconds'] / 60:.0f} min){state}\n")
         print("| method | #steered | test accuracy (95 % CI) | gain vs vanilla (95 % CI) | p | exact match "
@@ -107,6 +109,8 @@ def main() -> None:
     parser.add_argument("--baselines", nargs="*", default=ALL_METHODS)
     parser.add_argument("--scoring")
     parser.add_argument("--scope", default="all", choices=["all", "generated"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="bfloat16 runs 3-4x faster on CPUs with AVX512-BF16 (this machine)")
     parser.add_argument("--grid", type=int, default=3, choices=sorted(GRIDS))
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
