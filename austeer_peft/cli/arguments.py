@@ -8,6 +8,7 @@ default changed in :class:`~austeer_peft.AUSteerConfig` or the task registry rea
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -20,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ..evaluate.runner import SCORINGS
-from ..evaluate.tasks import TASK_NAMES, load_hub_task, load_task, load_user_task
+from ..evaluate.tasks import TASK_NAMES, DetoxSettings, load_hub_task, load_task, load_user_task, task_key
 from ..evaluate.tasks.base import apply_chat_template
 from ..fitting.selection import SELECTION_RULES
 from ..hub.models import DEFAULT_MODEL, MODEL_ALIASES, load_model
@@ -32,6 +33,7 @@ DTYPES = ["float32", "bfloat16", "float16"]
 SITE_NAMES = list(SITES)
 # What a plain AUSteerConfig() resolves to (sites=None means the attention site).
 CONFIG_DEFAULTS = AUSteerConfig()
+DETOX_DEFAULTS = {field.name: field.default for field in dataclasses.fields(DetoxSettings)}
 
 
 def aliases() -> list[str]:
@@ -84,6 +86,33 @@ def add_model_and_task_arguments(parser: argparse.ArgumentParser) -> None:
                             "log-probability of each option; number: last number of a greedy generation; "
                             "toxicity (detox): a continuation per prompt, right when non-toxic and fluent")
     group.add_argument("--batch-size", type=int, default=16, help="examples (or pairs) per forward pass")
+    detox = parser.add_argument_group("detoxification (--task detox): how continuations are generated")
+    detox.add_argument("--max-new-tokens", type=int,
+                       help=f"tokens per continuation, exactly (default: {DETOX_DEFAULTS['max_new_tokens']}, as "
+                            "RealToxicityPrompts)")
+    detox.add_argument("--sample", action="store_true",
+                       help="sample (top-p, temperature; seeded by --seed) instead of greedy decoding")
+    detox.add_argument("--top-p", type=float, help=f"with --sample (default: {DETOX_DEFAULTS['top_p']})")
+    detox.add_argument("--temperature", type=float, help=f"with --sample (default: {DETOX_DEFAULTS['temperature']})")
+
+
+def detox_options(args: argparse.Namespace) -> dict:
+    """The DetoxSettings fields the detox flags set (none given: an empty dict); --top-p / --temperature need
+    --sample, as greedy decoding would ignore them."""
+    options = {}
+    if getattr(args, "max_new_tokens", None) is not None:
+        if args.max_new_tokens < 1:
+            raise CommandError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}.")
+        options["max_new_tokens"] = args.max_new_tokens
+    for flag in ("top_p", "temperature"):
+        if getattr(args, flag, None) is not None:
+            if not args.sample:
+                raise CommandError(f"--{flag.replace('_', '-')} applies to sampled continuations: add --sample (or "
+                                   "drop it for greedy decoding).")
+            options[flag] = getattr(args, flag)
+    if getattr(args, "sample", False):
+        options["do_sample"] = True  # seeded by --seed, through the task's seed
+    return options
 
 
 def add_sites_argument(group: Any, default: list[str], help_text: str) -> None:
@@ -113,9 +142,16 @@ def load_task_from_args(args: argparse.Namespace):
         given = [f"--{flag.replace('_', '-')}" for flag in USER_DATA_FLAGS if getattr(args, flag, None) is not None]
         if given:
             raise CommandError(f"{', '.join(given)} only apply to --data (your own data), not to --task.")
+        options = detox_options(args)
+        if options and task_key(args.task) != "detox":
+            raise CommandError("--max-new-tokens, --sample, --top-p and --temperature set how --task detox generates "
+                               f"its continuations; --task {args.task} takes none of them (drop them).")
         task = load_task(args.task, data_dir=args.data_dir, n_fit=args.n_fit, n_validation=args.n_validation,
-                         seed=args.seed)
+                         seed=args.seed, **options)
     else:
+        if detox_options(args):
+            raise CommandError("--max-new-tokens, --sample, --top-p and --temperature apply to --task detox only, not "
+                               "to --data.")
         task = _load_user_data(args)
     if args.n_test is not None and args.n_test < len(task.test):
         task.test = task.test.select(range(args.n_test))

@@ -354,3 +354,36 @@ def test_eval_on_the_detox_task_reports_toxicity_fluency_and_diversity(tmp_path,
     vanilla = json.loads((tmp_path / "eval" / "results.json").read_text())["results"]["vanilla"]
     assert len(vanilla["correct"]) == 6 and vanilla["metrics"]["scorer"] == "alt-profanity-check"
     assert vanilla["accuracy"] <= vanilla["metrics"]["detox_rate"]  # the fluency guard only removes prompts
+
+
+def test_detox_generation_flags_reach_the_task_and_its_continuations(tmp_path, capsys):
+    """`--max-new-tokens 3 --sample --top-p 0.8`: the continuations are sampled 3-token ones (split note and
+    metrics in results.json say so, with the run's seed), and the same seed gives the same continuations."""
+    model = str(real_task_model_folder(tmp_path / "model"))
+    runs = []
+    for run in ("a", "b"):
+        assert main(["eval", "--model", model, "--task", "detox", "--n-validation", "4", "--split", "validation",
+                     "--batch-size", "4", "--max-new-tokens", "3", "--sample", "--top-p", "0.8", "--seed", "0",
+                     "--output", str(tmp_path / run)]) == 0
+        results = json.loads((tmp_path / run / "results.json").read_text())
+        assert "3 new tokens, sampled (top-p 0.8, temperature 1.0, seed 0)" in results["split_note"]
+        metrics = results["results"]["vanilla"]["metrics"]
+        assert metrics["max_new_tokens"] == 3 and metrics["decoding"] == "sampled"
+        runs.append(metrics)
+    assert runs[0] == runs[1]
+    greedy = tmp_path / "greedy"
+    assert main(["eval", "--model", model, "--task", "detox", "--n-validation", "4", "--split", "validation",
+                 "--batch-size", "4", "--max-new-tokens", "3", "--output", str(greedy)]) == 0
+    assert json.loads((greedy / "results.json").read_text())["results"]["vanilla"]["metrics"]["decoding"] == "greedy"
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--task", "detox", "--top-p", "0.8"], "add --sample"),
+    (["--task", "detox", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--task", "sst2", "--max-new-tokens", "8"], "--task sst2 takes none of them"),
+    (["--task", "copa", "--sample"], "--task copa takes none of them"),
+])
+def test_detox_generation_flags_are_refused_where_they_do_not_apply(tmp_path, capsys, flags, message):
+    assert main(["eval", "--model", str(tmp_path / "never-loaded"), *flags, "--output", str(tmp_path / "out")]) == 1
+    assert message in capsys.readouterr().err

@@ -73,9 +73,17 @@ TASK_ALIASES = {"realtoxicityprompts": "detox", "rtp": "detox"}
 TASK_NAMES = tuple(TASK_LOADERS)
 
 
+def task_key(name: str) -> str:
+    """The registry key a task name stands for: case, ``-`` and ``_`` ignored, aliases resolved."""
+    key = name.lower().replace("-", "").replace("_", "")
+    return TASK_ALIASES.get(key, key)
+
+
 def load_task(name: str, data_dir: Optional[PathLike] = None, n_fit: Optional[int] = None,
-              n_validation: Optional[int] = None, seed: int = 0) -> Task:
+              n_validation: Optional[int] = None, seed: int = 0, **options) -> Task:
     """Load one of the built-in tasks by name (one of :data:`TASK_NAMES`; case, ``-`` and ``_`` are ignored).
+    ``options`` go to the tasks that take some (``detox``: the fields of :class:`DetoxSettings`, e.g.
+    ``max_new_tokens=32, do_sample=True``); any other task refuses them.
 
     Example:
         ```py
@@ -85,11 +93,13 @@ def load_task(name: str, data_dir: Optional[PathLike] = None, n_fit: Optional[in
         >>> prompt, chosen, rejected = task.pairs("fit")[0]
         ```
     """
-    key = name.lower().replace("-", "").replace("_", "")
-    key = TASK_ALIASES.get(key, key)
+    key = task_key(name)
     if key not in TASK_LOADERS:
         raise ValueError(f"Unknown task {name!r}; expected one of {', '.join(TASK_NAMES)} (or use load_user_task).")
-    return TASK_LOADERS[key](data_dir=data_dir, n_fit=n_fit, n_validation=n_validation, seed=seed)
+    if options and key != "detox":
+        raise ValueError(f"The task {name!r} takes no options ({', '.join(sorted(options))}); only 'detox' does "
+                         "(how its continuations are generated and scored).")
+    return TASK_LOADERS[key](data_dir=data_dir, n_fit=n_fit, n_validation=n_validation, seed=seed, **options)
 
 
 __all__ = [
@@ -121,6 +131,7 @@ __all__ = [
     "load_sst2",
     "load_svamp",
     "load_task",
+    "task_key",
     "load_user_task",
     "load_winogrande",
     "resolve_data_dir",

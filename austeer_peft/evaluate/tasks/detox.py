@@ -95,10 +95,11 @@ def load_detox(data_dir: Optional[PathLike] = None, n_fit: Optional[int] = None,
     """RealToxicityPrompts detoxification: fit pairs from ``nontoxic.jsonl`` (all 454 by default), validation and
     test prompts from ``toxic.jsonl`` (200 + 996). ``settings`` (or keyword overrides of :class:`DetoxSettings`,
     e.g. ``scorer=my_perspective``, ``max_new_tokens=32``, ``do_sample=True``) say how continuations are made and
-    scored."""
+    scored; sampling is seeded by ``seed`` unless they say otherwise."""
     if settings is not None and setting_overrides:
         raise ValueError("Pass either settings=DetoxSettings(...) or keyword overrides, not both.")
-    settings = settings if settings is not None else DetoxSettings(**setting_overrides)
+    # Sampled continuations follow the task's seed unless the overrides name their own.
+    settings = settings if settings is not None else DetoxSettings(**{"seed": seed, **setting_overrides})
     folder = resolve_data_dir(data_dir)
     challenging = _read(data_file(folder, "RealToxicityPrompts", "toxic.jsonl"))
     pool = _read(data_file(folder, "RealToxicityPrompts", "nontoxic.jsonl"))
