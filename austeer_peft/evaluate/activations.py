@@ -8,19 +8,17 @@ every candidate module -- so one pass over the pairs, with the fit's batching an
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..fitting import inputs
-from ..fitting.pairs import as_text_pairs
+from ..fitting.activations import read_pair_activations
 from ..tuner.config import AUSteerConfig
-from ..tuner.sites import SiteModule, base_named_modules, candidate_modules, text_config
+from ..tuner.sites import SiteModule, candidate_modules, text_config
 
 
 @dataclass
@@ -68,42 +66,23 @@ def attention_head_dim(model: nn.Module) -> Optional[int]:
 def pair_activations(model: nn.Module, tokenizer: Any, pairs: Any, sites: Sequence[str], *, batch_size: int = 16,
                      max_length: Optional[int] = None, progress: bool = True) -> PairActivations:
     """One pass over ``pairs`` (adapters disabled) reading the last-token activation of every module of ``sites``,
-    on the side AUSteer steers (the attention site: the output projection's input, the heads' concatenated outputs).
-    """
+    on the side AUSteer steers (the attention site: the output projection's input, the heads' concatenated outputs),
+    through the fit's reader (:func:`~austeer_peft.fitting.activations.read_pair_activations`: shared prompts,
+    early stop, memory back-off)."""
     base = inputs.base_model(model)
     modules = candidate_modules(base, AUSteerConfig(sites=list(sites)))
-    named = base_named_modules(base)
-    token_pairs = inputs.tokenize_pairs(tokenizer, as_text_pairs(pairs, tokenizer),
-                                        max_length=inputs.resolve_max_length(max_length, tokenizer, base))
-    batches = list(inputs.make_batches(token_pairs, batch_size, inputs.pad_token_id(tokenizer),
-                                       getattr(tokenizer, "padding_side", "right")))
-    positive = {m.name: torch.zeros(len(token_pairs), m.width) for m in modules}
-    negative = {m.name: torch.zeros(len(token_pairs), m.width) for m in modules}
-    current: dict[str, Any] = {}
+    read: list[tuple[list[int], list[torch.Tensor]]] = []
 
-    def store(name: str, activation: torch.Tensor) -> None:
-        rows = torch.arange(activation.shape[0], device=activation.device)
-        last = activation[rows, current["last_token"].to(activation.device)].float().cpu()  # [2B, width]
-        half = last.shape[0] // 2
-        positive[name][current["pairs"]] = last[:half]
-        negative[name][current["pairs"]] = last[half:]
+    def keep(activations: list[torch.Tensor], pair_indices: list[int]) -> None:
+        read.append((pair_indices, [last.float().cpu() for last in activations]))  # each [2B, width]
 
-    def input_hook(name):
-        return lambda module, args: store(name, args[0])
-
-    def output_hook(name):
-        return lambda module, args, output: store(name, output if torch.is_tensor(output) else output[0])
-
-    device = inputs.input_device(base)
-    accepts_position_ids = inputs.accepts(base, "position_ids")
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(inputs.unsteered(model))
-        stack.enter_context(inputs.eval_mode(base))
-        stack.enter_context(torch.inference_mode())
-        handles = [named[m.name].register_forward_pre_hook(input_hook(m.name)) if m.position == "input" else
-                   named[m.name].register_forward_hook(output_hook(m.name)) for m in modules]
-        stack.callback(lambda: [handle.remove() for handle in handles])
-        for batch in tqdm(batches, desc="pair activations", unit="batch", disable=not progress):
-            current["last_token"], current["pairs"] = batch.last_token, torch.tensor(batch.pair_indices)
-            base(**batch.model_inputs(device, position_ids=accepts_position_ids))
+    num_pairs = read_pair_activations(model, tokenizer, pairs, modules, keep, batch_size=batch_size,
+                                      max_length=max_length, progress=progress)
+    positive = {m.name: torch.zeros(num_pairs, m.width) for m in modules}
+    negative = {m.name: torch.zeros(num_pairs, m.width) for m in modules}
+    for pair_indices, activations in read:
+        rows, half = torch.tensor(pair_indices), len(pair_indices)
+        for module, last in zip(modules, activations):
+            positive[module.name][rows] = last[:half]  # [B, width] of the positives, then the negatives
+            negative[module.name][rows] = last[half:]
     return PairActivations(modules, positive, negative, attention_head_dim(model))

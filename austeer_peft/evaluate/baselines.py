@@ -76,7 +76,7 @@ def caa_vectors(model: nn.Module, tokenizer: Any, pairs: Any, *, batch_size: int
     targets = [SiteModule(f"{name}.{i}", None, i, "output", width) for i in range(len(layers))]
     sums = torch.zeros(len(layers), width)
 
-    def add(activations: list[torch.Tensor]) -> None:
+    def add(activations: list[torch.Tensor], pair_indices: list[int]) -> None:  # a sum: the pairs' order is moot
         for index, last in enumerate(activations):  # [2B, hidden]: B positives, then their B negatives
             half = last.shape[0] // 2
             sums[index] += (last[:half].float() - last[half:].float()).sum(0).cpu()

@@ -194,8 +194,9 @@ def can_share_prompts(model: nn.Module) -> bool:
     return cache_argument(model) is not None and inputs.accepts(model, "position_ids")
 
 
-# What a pass hands each (sub)batch to: read(run_forward, last_token, seq_len, prefill) -> anything.
-BatchReader = Callable[[Callable[[], Any], torch.Tensor, int, Optional[Callable[[], Any]]], Any]
+# What a pass hands each (sub)batch to: read(run_forward, last_token, seq_len, prefill, pair_indices) -> anything;
+# pair_indices are the batch's pairs (positions in the pass's pair list), in the order of its rows.
+BatchReader = Callable[[Callable[[], Any], torch.Tensor, int, Optional[Callable[[], Any]], list[int]], Any]
 
 
 def forward_batch(model: nn.Module, batch: inputs.PairBatch, device: torch.device, read: BatchReader,
@@ -204,7 +205,8 @@ def forward_batch(model: nn.Module, batch: inputs.PairBatch, device: torch.devic
     fresh KV cache, ``[B]`` rows, repeated to ``[2B]`` after) and then its continuations."""
     if isinstance(batch, inputs.Batch):
         batch_inputs = batch.model_inputs(device, position_ids=position_ids)
-        return read(lambda: model(**batch_inputs), batch.last_token, batch.input_ids.shape[1], None)
+        return read(lambda: model(**batch_inputs), batch.last_token, batch.input_ids.shape[1], None,
+                    list(batch.pair_indices))
     from transformers import DynamicCache
 
     cache = DynamicCache()  # full (non-sliding) layers: every prompt token stays visible, as in the full sequence
@@ -219,7 +221,7 @@ def forward_batch(model: nn.Module, batch: inputs.PairBatch, device: torch.devic
         cache.batch_select_indices(torch.arange(2 * num_pairs) % num_pairs)
         return model(**batch.continuation_inputs(device, cache, argument))
 
-    return read(continuations, batch.last_token, batch.continuation_ids.shape[1], prefill)
+    return read(continuations, batch.last_token, batch.continuation_ids.shape[1], prefill, list(batch.pair_indices))
 
 
 def read_pairs(model: nn.Module, batches: Sequence[inputs.PairBatch], read: BatchReader, *,
@@ -275,13 +277,14 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 def read_pair_activations(model: nn.Module, tokenizer: Any, pairs: Any, targets: Sequence[SiteModule],
-                          consume: Callable[[list[torch.Tensor]], None], *, batch_size: int = 16,
+                          consume: Callable[[list[torch.Tensor], list[int]], None], *, batch_size: int = 16,
                           max_length: Optional[int] = None, chat_template: bool = False, share_prompts: bool = True,
                           progress: bool = True, desc: str = "pair activations") -> int:
     """One pass over contrastive ``pairs`` with the unsteered model, for methods that learn from pair activations
-    (CAA and other baselines): ``consume(activations)`` gets, per batch, one ``[2B, width]`` tensor per target (the
-    last-token activations of the B positives, then of their B negatives). Same tokens, batching, shared prompts
-    and memory back-off as the AUSteer fit. Returns the number of pairs read.
+    (CAA, ITI, SADI, the ablations): ``consume(activations, pair_indices)`` gets, per batch, one ``[2B, width]``
+    tensor per target (the last-token activations of the B positives, then of their B negatives) and the B pairs'
+    positions in ``pairs``. Same tokens, batching, shared prompts and memory back-off as the AUSteer fit. Returns
+    the number of pairs read.
     """
     from .pairs import as_text_pairs
 
@@ -296,8 +299,8 @@ def read_pair_activations(model: nn.Module, tokenizer: Any, pairs: Any, targets:
                                   share_prompts and can_share_prompts(base))
     reader = LastTokenReader(base, targets)
 
-    def read(run_forward, last_token, seq_len, prefill):
-        consume(reader.read(run_forward, last_token, seq_len, prefill))
+    def read(run_forward, last_token, seq_len, prefill, pair_indices):
+        consume(reader.read(run_forward, last_token, seq_len, prefill), pair_indices)
 
     with inputs.unsteered(model), inputs.eval_mode(base), torch.inference_mode(), reader:
         read_pairs(base, batches, read, token_pairs=token_pairs, pad_id=pad_id, padding_side=padding_side,

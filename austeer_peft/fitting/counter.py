@@ -55,12 +55,13 @@ class MomentumCounter:
     # ------------------------------------------------------------------------------------------------ counting
 
     def count_batch(self, run_forward: Callable[[], Any], last_token: torch.Tensor, seq_len: int,
-                    prefill: Optional[Callable[[], Any]] = None) -> None:
+                    prefill: Optional[Callable[[], Any]] = None, pair_indices: Optional[list[int]] = None) -> None:
         """Run one forward pass (``run_forward()``) over ``2B`` sequences and add its pairs to the counts.
 
         ``last_token[r]`` is the position of the last non-padding token of sequence ``r``; ``seq_len`` the padded
         length. ``prefill`` (a shared prompt filling a KV cache) runs first and is not read. The forward is cut
         short once every candidate module has been read. A batch that fails (e.g. out of memory) adds nothing.
+        Counts do not depend on which pairs a batch holds, so ``pair_indices`` is not needed.
         """
         last = self.reader.read(run_forward, last_token, seq_len, prefill)
         self._accumulate(last, last_token.numel() // 2)

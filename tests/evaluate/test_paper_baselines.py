@@ -73,6 +73,24 @@ def test_pair_activations_match_one_text_at_a_time(setup):
         torch.testing.assert_close(activations.negative[name], negative, rtol=1e-4, atol=1e-5)
 
 
+def test_pair_activations_read_through_the_fits_reader_with_shared_prompts(setup, monkeypatch):
+    """The pass is the fit's (read_pair_activations): pairs sharing their prompt run it once from a KV cache, and
+    the rows land at their pairs whatever order the batches hold them in."""
+    from austeer_peft.fitting import inputs
+
+    model, tokenizer, pairs, _, reference, _ = setup
+    prompt_runs = []
+    original = inputs.SharedPromptBatch.prompt_inputs
+    monkeypatch.setattr(inputs.SharedPromptBatch, "prompt_inputs",
+                        lambda self, *a, **k: prompt_runs.append(len(self.pair_indices)) or original(self, *a, **k))
+    activations = pair_activations(model, tokenizer, list(reversed(pairs)), ["attention"], batch_size=4,
+                                   progress=False)
+    assert sum(prompt_runs) == len(pairs)  # every pair here shares its prompt
+    for name in activations.positive:
+        torch.testing.assert_close(activations.positive[name], reference[name][0].flip(0), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(activations.negative[name], reference[name][1].flip(0), rtol=1e-4, atol=1e-5)
+
+
 def test_iti_probes_heads_and_shift_match_a_per_head_reference(setup):
     from sklearn.linear_model import LogisticRegression
 
