@@ -45,7 +45,7 @@ class TokenPositions:
     def end_call(self) -> None:
         self.in_call, self.prompt_width, self.forwards_in_call = False, None, 0
 
-    def read_forward(self, inputs: torch.Tensor, attention_mask: Optional[torch.Tensor], past_key_values: Any) -> None:
+    def read_forward(self, inputs: torch.Tensor, attention_mask: Optional[torch.Tensor], cache: Any) -> None:
         """Record the positions of the `inputs` ([batch, tokens, ...]) of the forward that is starting."""
         batch, tokens = inputs.shape[:2]
         steps = torch.arange(tokens, device=inputs.device)
@@ -56,7 +56,7 @@ class TokenPositions:
             self._positions = (attention_mask.long().cumsum(-1)[:, self._past:] - 1).masked_fill(~real, -1)
             last = (real.long() * (steps + 1)).argmax(-1)  # each row's last real token
         else:
-            self._past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            self._past = cache.get_seq_length() if cache is not None else 0
             self._positions = (self._past + steps).expand(batch, tokens)
             last = torch.full((batch,), tokens - 1, device=inputs.device)
         self._columns = self._past + steps
@@ -202,6 +202,17 @@ def input_width(args: tuple, kwargs: dict) -> Optional[int]:
     return inputs.shape[1] if isinstance(inputs, torch.Tensor) and inputs.ndim >= 2 else None
 
 
+def kv_cache(arguments: dict) -> Any:
+    """The KV cache a decoder stack's forward got: ``cache`` in transformers 5, ``past_key_values`` before (and
+    in the extra keyword arguments of some models)."""
+    extra = arguments.get("kwargs") or {}
+    for name in ("cache", "past_key_values"):
+        value = arguments.get(name, extra.get(name))
+        if value is not None:
+            return value
+    return None
+
+
 def position_reading_hook(positions: TokenPositions, stack: nn.Module):
     """A forward pre-hook (``with_kwargs=True``) for the decoder stack that records each forward's positions."""
     signature = inspect.signature(stack.forward)
@@ -213,6 +224,6 @@ def position_reading_hook(positions: TokenPositions, stack: nn.Module):
         if inputs is None:
             raise ValueError(f"{type(module).__name__} got neither input_ids nor inputs_embeds, so an AUSteer adapter "
                              "with a token scope cannot tell the token positions. Pass input_ids or inputs_embeds.")
-        positions.read_forward(inputs, arguments.get("attention_mask"), arguments.get("past_key_values"))
+        positions.read_forward(inputs, arguments.get("attention_mask"), kv_cache(arguments))
 
     return read_token_positions

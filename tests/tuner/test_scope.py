@@ -233,3 +233,18 @@ def test_set_scope_changes_an_existing_adapter(input_ids):
     model.merge_adapter()
     with pytest.raises(ValueError, match="merged; call `unmerge_adapter\\(\\)` before giving it a scope"):
         model.set_scope("generated")
+
+
+@pytest.mark.parametrize("cache_argument", ["cache", "past_key_values"])
+def test_from_position_continues_a_kv_cache_without_attention_mask(cache_argument):
+    """A forward that continues a KV cache and passes no attention mask takes its positions from the cache's length
+    (transformers 5 names it `cache`, older code `past_key_values`): steering the rest of a sequence from a cached
+    prefix equals steering the whole sequence."""
+    aus = spread_aus(tiny_model("llama"), SITES, 12, gamma_range=(-0.9, 6.0))
+    model = steered_model("llama", aus, scope="from_position", scope_position=3)
+    sequence = PROMPT[1:]
+    with torch.no_grad():
+        whole = model(sequence).logits
+        prefix = model(sequence[:, :2], use_cache=True)
+        rest = model(sequence[:, 2:], **{cache_argument: prefix.past_key_values}, use_cache=True).logits
+    torch.testing.assert_close(rest, whole[:, 2:], rtol=1e-5, atol=1e-5)
