@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..fitting.inputs import base_model, common_prefix_length, input_device, pad, pad_token_id
-from ..fitting.logprobs import continuation_logprobs, forward_logits
+from ..fitting.logprobs import contiguous_head_input, continuation_logprobs, forward_logits
 from .scoring import (
     choice_token_ids,
     exact_match_predictions,
@@ -120,9 +120,10 @@ def evaluate_split(
         if max_new_tokens is not None:
             raise ValueError("Scoring 'toxicity' takes its generation length from the task's DetoxSettings; set "
                              "load_detox(max_new_tokens=...) instead of passing max_new_tokens here.")
-        scored = score_continuations(model, tokenizer, detox_settings(task), data, batch_size, progress)
+        with contiguous_head_input(model):  # generate keeps one position's logits, a strided slice
+            scored = score_continuations(model, tokenizer, detox_settings(task), data, batch_size, progress)
         return SplitResult("toxicity", scored.correct, {}, scored.forwards, metrics=scored.metrics)
-    with torch.inference_mode():
+    with torch.inference_mode(), contiguous_head_input(model):
         if scoring == "number":
             return _score_generation(model, tokenizer, data, batch_size, max_new_tokens or 12, progress)
         if scoring == "loglik":

@@ -199,3 +199,24 @@ def test_paired_gain_interval_brackets_the_mean_gain():
     assert S.paired_gain_ci(vanilla, vanilla) == (0.0, 0.0, 0.0)
     with pytest.raises(ValueError, match="same examples"):
         S.paired_gain_ci([True], [True, False])
+
+
+def test_forward_logits_hands_the_lm_head_a_contiguous_input_and_leaves_no_hook():
+    """With logits_to_keep the head would get a strided [B, 1, H] slice, on which PyTorch's CPU matmul is very slow
+    (bench/RESULTS.md); forward_logits copies it, with the same logits, and removes its hook afterwards."""
+    from conftest import tiny_model
+
+    from austeer_peft.fitting.logprobs import forward_logits
+
+    model = tiny_model("llama")
+    head = model.get_output_embeddings()
+    seen, forward = [], head.forward
+    head.forward = lambda x: seen.append(x.is_contiguous()) or forward(x)  # what the head's matmul gets
+    batch = {"input_ids": torch.randint(1, 50, (3, 7)), "attention_mask": torch.ones(3, 7, dtype=torch.long),
+             "position_ids": torch.arange(7).expand(3, 7)}
+    with torch.no_grad():
+        kept = forward_logits(model, batch, keep=1)
+        full = model(**batch).logits
+        model(**batch, logits_to_keep=1)  # outside forward_logits: the strided slice, as transformers makes it
+    assert seen == [True, True, False] and not head._forward_pre_hooks
+    torch.testing.assert_close(kept[:, -1], full[:, -1], rtol=1e-5, atol=1e-6)
