@@ -9,6 +9,7 @@ the same forward as the ``restricted`` score the methods are selected by.
     python bench/bench_paper_table.py --model smollm2-135m --task copa --n-fit 300 --n-validation 200 --n-test 500 \
         --output bench/paper-table/smollm2-copa.json
     python bench/bench_paper_table.py --summary bench/paper-table/*.json      # markdown rows of all saved runs
+    python bench/bench_paper_table.py --overview bench/paper-table/*.json     # one table: model x task by method
 """
 
 from __future__ import annotations
@@ -99,6 +100,36 @@ def summary(paths: list[str]) -> None:
                   f"| {checked} | {chosen if shipped else ''} |")
 
 
+OVERVIEW_METHODS = ["vanilla", "ITI", "CAA", "SADI-HEAD", "block-level", "AUSteer-attention", "AUSteer-ffn"]
+
+
+def overview(paths: list[str]) -> None:
+    """One markdown table over runs: a row per model x task, a column per method of the paper's table; a cell is
+    the test accuracy with its 95 % CI and the number of steered activations, or "no steer" when the guarded
+    selection shipped none (the model stays vanilla)."""
+    print("| model (dtype) | task (fit / validation / test) | scope, scoring | " + " | ".join(OVERVIEW_METHODS) + " |")
+    print("|---|---|---|" + "---|" * len(OVERVIEW_METHODS))
+    for path in paths:
+        record = json.loads(Path(path).read_text())
+        rows = {row["method"]: row for row in record["results"]}
+        sizes = record["sizes"]
+        cells = []
+        for method in OVERVIEW_METHODS:
+            row = rows.get(method)
+            if row is None:
+                cells.append("not run" if record["finished"] else "unfinished")
+            elif method == "vanilla":
+                cells.append(f"{row['test_accuracy']:.1f} ({row['ci_low']:.1f}–{row['ci_high']:.1f})")
+            elif not row["shipped"]:
+                cells.append("no steer")
+            else:
+                cells.append(f"{row['test_accuracy']:.1f} ({row['ci_low']:.1f}–{row['ci_high']:.1f}), "
+                             f"{row['gain']:+.1f}, {row['steered']} act.")
+        print(f"| {record['model']} ({record.get('dtype', 'float32')}) | {record['task']} ({sizes['fit']} / "
+              f"{sizes['validation']} / {sizes['test']}) | {record['scope']}, {record['scoring']} | "
+              + " | ".join(cells) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -116,9 +147,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output")
     parser.add_argument("--summary", nargs="+", help="print the markdown tables of these result files and exit")
+    parser.add_argument("--overview", nargs="+", help="print one markdown table over these result files and exit")
     args = parser.parse_args()
     if args.summary:
         summary(args.summary)
+    elif args.overview:
+        overview(args.overview)
     elif args.task is None or args.output is None:
         parser.error("--task and --output are required to run")
     else:
