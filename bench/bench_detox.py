@@ -29,13 +29,18 @@ def run(args: argparse.Namespace) -> dict:
     from austeer_peft.hub.models import load_model
 
     started, load = start_benchmark(args.threads)
-    model, tokenizer = load_model(args.model)
+    import torch
+
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
     task = load_task("detox", n_fit=args.n_fit, n_validation=args.n_validation)
     if args.n_test is not None and args.n_test < len(task.test):
         task.test = task.test.select(range(args.n_test))
         task.split_note += f" Test scored on its first {args.n_test} examples only."
-    result = {"model": args.model, "task": "detox", "sizes": task.sizes, "baselines": args.baselines, "split_note": task.split_note,
-              "grid": {"ks": args.ks, "alphas": args.alphas, "caa_multipliers": args.caa_multipliers},
+    result = {"model": args.model, "dtype": args.dtype, "task": "detox", "sizes": task.sizes, "baselines": args.baselines, "split_note": task.split_note,
+              "grid": {"ks": args.ks, "alphas": args.alphas, "caa_multipliers": args.caa_multipliers,
+                       "caa_layer_fractions": args.caa_layer_fractions, "iti_heads": args.iti_heads,
+                       "iti_alphas": args.iti_alphas, "sadi_heads": args.sadi_heads,
+                       "sadi_strengths": args.sadi_strengths},
               "threads": args.threads, "load_average_at_start": load, "command": args.command, "methods": []}
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -60,7 +65,10 @@ def run(args: argparse.Namespace) -> dict:
               f"{method.test.metrics}", flush=True)
 
     comparison = compare_methods(model, tokenizer, task, sites=args.sites, ks=args.ks, alphas=args.alphas,
-                                 baselines=args.baselines, caa_multipliers=args.caa_multipliers, batch_size=args.batch_size,
+                                 baselines=args.baselines, caa_multipliers=args.caa_multipliers,
+                                 caa_layer_fractions=args.caa_layer_fractions, iti_heads=args.iti_heads,
+                                 iti_alphas=args.iti_alphas, sadi_heads=args.sadi_heads,
+                                 sadi_strengths=args.sadi_strengths, batch_size=args.batch_size,
                                  progress=False,
                                  on_method=lambda so_far: write(so_far.methods[-1]))
     result["table"] = comparison.format_table()
@@ -83,6 +91,12 @@ def main() -> None:
     parser.add_argument("--alphas", nargs="+", type=float, default=[10.0, 50.0])
     parser.add_argument("--baselines", nargs="*", default=["block", "caa"])
     parser.add_argument("--caa-multipliers", nargs="+", type=float, default=[4.0])
+    parser.add_argument("--caa-layer-fractions", nargs="+", type=float, default=[0.25, 0.5, 0.75])
+    parser.add_argument("--iti-heads", nargs="+", type=int, default=[16, 48])
+    parser.add_argument("--iti-alphas", nargs="+", type=float, default=[15.0])
+    parser.add_argument("--sadi-heads", nargs="+", type=int, default=[4, 8])
+    parser.add_argument("--sadi-strengths", nargs="+", type=float, default=[5.0])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", required=True)
