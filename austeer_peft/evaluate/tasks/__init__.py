@@ -131,10 +131,10 @@ __all__ = [
     "load_sst2",
     "load_svamp",
     "load_task",
-    "task_key",
     "load_user_task",
     "load_winogrande",
     "resolve_data_dir",
     "unmask_numbers",
     "wrong_answers",
+    "task_key",
 ]
