@@ -134,7 +134,7 @@ __all__ = [
     "load_user_task",
     "load_winogrande",
     "resolve_data_dir",
+    "task_key",
     "unmask_numbers",
     "wrong_answers",
-    "task_key",
 ]
