@@ -105,8 +105,9 @@ OVERVIEW_METHODS = ["vanilla", "ITI", "CAA", "SADI-HEAD", "block-level", "AUStee
 
 def overview(paths: list[str]) -> None:
     """One markdown table over runs: a row per model x task, a column per method of the paper's table; a cell is
-    the test accuracy with its 95 % CI and the number of steered activations, or "no steer" when the guarded
-    selection shipped none (the model stays vanilla)."""
+    the test accuracy with its 95 % CI, the gain over vanilla and the number of steered activations, or "no steer"
+    when the guarded selection shipped none (the model stays vanilla), with the out-of-fold validation gain (points)
+    and p-value it was refused on."""
     print("| model (dtype) | task (fit / validation / test) | scope, scoring | " + " | ".join(OVERVIEW_METHODS) + " |")
     print("|---|---|---|" + "---|" * len(OVERVIEW_METHODS))
     for path in paths:
@@ -121,7 +122,9 @@ def overview(paths: list[str]) -> None:
             elif method == "vanilla":
                 cells.append(f"{row['test_accuracy']:.1f} ({row['ci_low']:.1f}–{row['ci_high']:.1f})")
             elif not row["shipped"]:
-                cells.append("no steer")
+                selection = row["selection"]
+                cells.append("no steer" if selection is None else
+                             f"no steer ({100 * selection['out_of_fold_gain']:+.0f}, p {selection['p_value']:.2f})")
             else:
                 cells.append(f"{row['test_accuracy']:.1f} ({row['ci_low']:.1f}–{row['ci_high']:.1f}), "
                              f"{row['gain']:+.1f}, {row['steered']} act.")
