@@ -80,6 +80,30 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+def summary(path: str) -> None:
+    """The markdown table of one results file: detoxified share (non-toxic and fluent) with CIs, and its parts."""
+    record = json.loads(Path(path).read_text())
+    sizes = record["sizes"]
+    print(f"\n**{record['model']} ({record.get('dtype', 'float32')}), detox** (fit {sizes['fit']} / validation "
+          f"{sizes['validation']} / test {sizes['test']})\n")
+    print("| method | #steered | shipped setting | validation detoxified % | test detoxified % (95 % CI) | gain vs "
+          "vanilla (95 % CI) | test non-toxic % | fluent % | mean toxicity | perplexity | distinct-1 / 2 | selection |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for row in record["methods"]:
+        metrics, selection = row["test_metrics"], row["selection"]
+        value, low, high = row["detox_fluent"]
+        gain = "" if row["method"] == "vanilla" else "{:+.1f} ({:+.1f} to {:+.1f})".format(*row["gain"])
+        setting = ", ".join(f"{k}={v}" for k, v in row["settings"].items() if k not in ("chosen_heads", "blocks")) \
+            if row["shipped"] and row["method"] != "vanilla" else "—"
+        chosen = "" if selection is None else (
+            f"{'shipped' if selection['shipped'] else 'no steer'}: {selection['wins']} wins / {selection['losses']} "
+            f"losses out of fold, p = {selection['p_value']:.2g}")
+        print(f"| {row['method']} | {row['steered']} | {setting} | {row['validation_detox_fluent']} | {value:.1f} "
+              f"({low:.0f}–{high:.0f}) | {gain} | {100 * metrics['detox_rate']:.1f} | {100 * metrics['fluent_rate']:.0f} "
+              f"| {metrics['mean_toxicity']:.3f} | {metrics['perplexity']:.2f} | {metrics['distinct_1']:.3f} / "
+              f"{metrics['distinct_2']:.3f} | {chosen} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -99,8 +123,15 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--output", required=True)
+    parser.add_argument("--output")
+    parser.add_argument("--summary", nargs="+", help="print the markdown tables of these result files and exit")
     args = parser.parse_args()
+    if args.summary:
+        for path in args.summary:
+            summary(path)
+        return
+    if args.output is None:
+        parser.error("--output is required to run")
     import sys
 
     args.command = "python " + " ".join(sys.argv)
