@@ -123,9 +123,10 @@ def evaluate_split(
         with contiguous_head_input(model):  # generate keeps one position's logits, a strided slice
             scored = score_continuations(model, tokenizer, detox_settings(task), data, batch_size, progress)
         return SplitResult("toxicity", scored.correct, {}, scored.forwards, metrics=scored.metrics)
-    with torch.inference_mode(), contiguous_head_input(model):
+    with torch.inference_mode():
         if scoring == "number":
-            return _score_generation(model, tokenizer, data, batch_size, max_new_tokens or 12, progress)
+            with contiguous_head_input(model):  # generate keeps one position's logits, a strided slice
+                return _score_generation(model, tokenizer, data, batch_size, max_new_tokens or 12, progress)
         if scoring == "loglik":
             return _score_loglik(model, tokenizer, data, batch_size, progress)
         return _score_first_token(model, tokenizer, task, data, scoring, batch_size, progress)

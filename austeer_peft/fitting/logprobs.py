@@ -26,7 +26,8 @@ def contiguous_head_input(model: nn.Module) -> Iterator[None]:
     Gemma-3's 262k-word head: 23 s instead of 0.04 s; float32 about 10x slower; pytorch/pytorch#151934), so one
     last-token logit cost more than the whole model. Copying the [B, 1, H] slice costs nothing. The hook lives only
     for the block."""
-    head = base_model(model).get_output_embeddings() if hasattr(base_model(model), "get_output_embeddings") else None
+    base = base_model(model)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if head is None:
         yield
         return
