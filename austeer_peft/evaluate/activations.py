@@ -17,6 +17,7 @@ from torch import nn
 
 from ..fitting import inputs
 from ..fitting.activations import read_pair_activations
+from ..fitting.pairs import as_text_pairs
 from ..tuner.config import AUSteerConfig
 from ..tuner.sites import SiteModule, candidate_modules, text_config
 
@@ -71,18 +72,16 @@ def pair_activations(model: nn.Module, tokenizer: Any, pairs: Any, sites: Sequen
     early stop, memory back-off)."""
     base = inputs.base_model(model)
     modules = candidate_modules(base, AUSteerConfig(sites=list(sites)))
-    read: list[tuple[list[int], list[torch.Tensor]]] = []
+    text_pairs = as_text_pairs(pairs, tokenizer)  # a list, so the result can be allocated before the pass
+    positive = {m.name: torch.zeros(len(text_pairs), m.width) for m in modules}
+    negative = {m.name: torch.zeros(len(text_pairs), m.width) for m in modules}
 
     def keep(activations: list[torch.Tensor], pair_indices: list[int]) -> None:
-        read.append((pair_indices, [last.float().cpu() for last in activations]))  # each [2B, width]
-
-    num_pairs = read_pair_activations(model, tokenizer, pairs, modules, keep, batch_size=batch_size,
-                                      max_length=max_length, progress=progress)
-    positive = {m.name: torch.zeros(num_pairs, m.width) for m in modules}
-    negative = {m.name: torch.zeros(num_pairs, m.width) for m in modules}
-    for pair_indices, activations in read:
         rows, half = torch.tensor(pair_indices), len(pair_indices)
-        for module, last in zip(modules, activations):
-            positive[module.name][rows] = last[:half]  # [B, width] of the positives, then the negatives
-            negative[module.name][rows] = last[half:]
+        for module, last in zip(modules, activations):  # [2B, width]: the B positives, then their negatives
+            positive[module.name][rows] = last[:half].float().cpu()
+            negative[module.name][rows] = last[half:].float().cpu()
+
+    read_pair_activations(model, tokenizer, text_pairs, modules, keep, batch_size=batch_size, max_length=max_length,
+                          progress=progress)
     return PairActivations(modules, positive, negative, attention_head_dim(model))
