@@ -142,16 +142,15 @@ def load_task_from_args(args: argparse.Namespace):
         given = [f"--{flag.replace('_', '-')}" for flag in USER_DATA_FLAGS if getattr(args, flag, None) is not None]
         if given:
             raise CommandError(f"{', '.join(given)} only apply to --data (your own data), not to --task.")
-        options = detox_options(args)
-        if options and task_key(args.task) != "detox":
-            raise CommandError("--max-new-tokens, --sample, --top-p and --temperature set how --task detox generates "
-                               f"its continuations; --task {args.task} takes none of them (drop them).")
+    options = detox_options(args)
+    if options and (args.task is None or task_key(args.task) != "detox"):
+        given = f"--task {args.task}" if args.task is not None else "--data"
+        raise CommandError("--max-new-tokens, --sample, --top-p and --temperature set how --task detox generates its "
+                           f"continuations; {given} takes none of them (drop them).")
+    if args.task is not None:
         task = load_task(args.task, data_dir=args.data_dir, n_fit=args.n_fit, n_validation=args.n_validation,
                          seed=args.seed, **options)
     else:
-        if detox_options(args):
-            raise CommandError("--max-new-tokens, --sample, --top-p and --temperature apply to --task detox only, not "
-                               "to --data.")
         task = _load_user_data(args)
     if args.n_test is not None and args.n_test < len(task.test):
         task.test = task.test.select(range(args.n_test))
